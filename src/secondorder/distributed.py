@@ -1,0 +1,64 @@
+"""``torch.distributed`` support: statistics averaged across ranks, factor work spread over ranks.
+
+With DDP each rank computes its minibatch statistics on ``m/N`` examples; averaging them with
+:func:`all_reduce_mean` gives exactly the statistics of one process with batch ``m`` (every
+statistic in the library is a mean over examples). Expensive per-layer work (inverses, roots,
+BFGS updates) is assigned to one owner rank per layer by :func:`assign_owners` and the results
+are sent to every rank with :func:`broadcast_from_owners`. Without an initialised process
+group (or with one rank) every function here is a no-op, so single-process code pays nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_reduce_mean(tensors: Sequence[Tensor]) -> None:
+    """In place: replace each tensor by its mean over ranks (one flat all-reduce)."""
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def assign_owners(costs: Mapping[str, float]) -> dict[str, int]:
+    """Greedy longest-processing-time assignment of named work items to ranks."""
+    n = world_size()
+    load = [0.0] * n
+    owners: dict[str, int] = {}
+    for name in sorted(costs, key=lambda k: (-costs[k], k)):
+        r = min(range(n), key=lambda i: (load[i], i))
+        owners[name] = r
+        load[r] += costs[name]
+    return owners
+
+
+def broadcast_from_owners(items: Mapping[str, Sequence[Tensor]], owners: Mapping[str, int]) -> None:
+    """In place: every tensor of ``items[name]`` takes the value it has on rank ``owners[name]``."""
+    if not is_distributed():
+        return
+    for name in sorted(items):
+        for t in items[name]:
+            dist.broadcast(t, src=owners[name])

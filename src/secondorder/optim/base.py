@@ -1,0 +1,294 @@
+"""The shared step protocol of every ``secondorder`` optimizer.
+
+Each method is a ``torch.optim.Optimizer`` over the trainable parameters of one model, with
+one parameter group whose entries are the hyper-parameters (``lr``, ``damping``,
+``momentum``, ``stat_decay``, ``weight_decay``, ``update_freq``, ``inverse_freq``, ...), so
+standard LR schedulers work. This base class provides what all of them share:
+
+* the closure protocol: ``opt.step(so.Closure(...))`` runs the passes; a plain torch closure
+  is accepted by the first-order methods;
+* safety: :meth:`_check_loss` / :meth:`_check_grads` raise :class:`NonFiniteError` before any
+  parameter or state changes;
+* gradient momentum in the two thesis conventions (:class:`MomentumStyle`) and decoupled
+  weight decay ``W <- W - lr (P + gamma W)`` (3.7.2);
+* state keyed by parameter and module *name*: ``state_dict()`` / ``load_state_dict()``
+  round-trip momentum buffers, curvature factors, the step counter and the sampling RNG;
+* ``opt.stats``: forward/backward pass counts and time in curvature work.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import Closure, preserved_norm_buffers, unwrap
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "secondorder/1"
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient is NaN or infinite; nothing was updated."""
+
+
+class MomentumStyle(str, enum.Enum):
+    """Gradient momentum conventions of the thesis (REFERENCE_NOTES §0).
+
+    ``ACCUMULATE``: ``m <- mu m + g`` (chapters 3-4: SGD-m, KFAC, K-BFGS Alg. 9, TNT, Shampoo).
+    ``AVERAGE``: ``m <- mu m + (1 - mu) g`` (chapter 2 code, every method there).
+    """
+
+    ACCUMULATE = "accumulate"
+    AVERAGE = "average"
+
+
+@dataclass
+class OptimizerStats:
+    """Counters an optimizer keeps while it trains (warm-start passes counted apart)."""
+
+    steps: int = 0
+    forward_passes: int = 0
+    backward_passes: int = 0
+    curvature_seconds: float = 0.0
+    warm_start_forward_passes: int = 0
+    warm_start_backward_passes: int = 0
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(asdict(self))
+
+
+class SecondOrderOptimizer(torch.optim.Optimizer):
+    """Base class: one model, one parameter group of hyper-parameters, state keyed by name.
+
+    Subclasses implement :meth:`_step` (and optionally :meth:`warm_start`).
+    """
+
+    method: ClassVar[str] = "base"
+    #: whether ``step`` needs a ``so.Closure`` (True) or accepts any torch closure
+    needs_closure: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, defaults: dict[str, Any], *, seed: int | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.module = unwrap(model)
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model: has no trainable parameters")
+        self.param_names: dict[Tensor, str] = {p: n for n, p in named}
+        super().__init__([p for _, p in named], defaults)
+        self.stats = OptimizerStats()
+        self.module_state: dict[str, dict[str, Any]] = {}
+        self.step_count = 0  # k: steps taken so far (0-based index of the next step)
+        device = named[0][1].device
+        self.generator = torch.Generator(device=device)
+        self.seed = int(torch.initial_seed() if seed is None else seed)
+        self.generator.manual_seed(self.seed)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def hp(self) -> dict[str, Any]:
+        """The current hyper-parameters (the single parameter group, without ``params``)."""
+        return {k: v for k, v in self.param_groups[0].items() if k != "params"}
+
+    def named_params(self) -> Iterator[tuple[str, Tensor]]:
+        for p in self.param_groups[0]["params"]:
+            yield self.param_names[p], p
+
+    # ------------------------------------------------------------------ the step
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        """One optimization step on the closure's minibatch; returns the minibatch loss (detached)."""
+        if closure is None:
+            raise ValueError(f"{self.method}: step() needs a closure, e.g. so.Closure(model, x, y, loss_fn)")
+        if self.needs_closure and not isinstance(closure, Closure):
+            raise TypeError(
+                f"{self.method}: step() needs a so.Closure (it runs extra passes on the same batch), "
+                f"got {type(closure).__name__}"
+            )
+        with preserved_norm_buffers(self.module, only_on_error=True):
+            loss = self._step(closure)
+        self.step_count += 1
+        self.stats.steps += 1
+        return loss
+
+    def _step(self, closure: Any) -> Tensor:
+        raise NotImplementedError
+
+    def warm_start(self, closures: Iterable[Closure]) -> int:
+        """Statistics from the whole training set before the first step (no-op by default).
+
+        Returns the number of minibatches used.
+        """
+        return 0
+
+    # -------------------------------------------------------------- passes
+    def _gradient_pass(self, closure: Any) -> Tensor:
+        """Pass 1: zero grads, forward, loss, backward; checks the loss and gradients."""
+        self.zero_grad(set_to_none=True)
+        if isinstance(closure, Closure):
+            with torch.enable_grad():
+                result = closure.forward()
+                self._check_loss(result.loss)
+                result.loss.backward()
+            loss = result.loss.detach()
+        else:
+            with torch.enable_grad():
+                loss = closure()
+            if not isinstance(loss, Tensor):
+                loss = torch.as_tensor(loss)
+            loss = loss.detach()
+            self._check_loss(loss)
+        self.stats.forward_passes += 1
+        self.stats.backward_passes += 1
+        self._check_grads()
+        return loss
+
+    def _check_loss(self, loss: Tensor) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteError(
+                f"{self.method}: non-finite loss ({float(loss.detach().reshape(-1)[0])}) at step "
+                f"{self.step_count}; parameters and optimizer state are unchanged"
+            )
+
+    def _check_grads(self) -> None:
+        grads = [(n, p.grad) for n, p in self.named_params() if p.grad is not None]
+        if not grads:
+            return
+        ok = torch.stack([torch.isfinite(g).all() for _, g in grads])
+        if not bool(ok.all()):
+            bad = [n for (n, _), good in zip(grads, ok.tolist(), strict=True) if not good]
+            raise NonFiniteError(
+                f"{self.method}: non-finite gradient in {', '.join(bad)} at step {self.step_count}; "
+                "parameters and optimizer state are unchanged"
+            )
+
+    def _check_tensors(self, what: str, tensors: Iterable[Tensor | None]) -> None:
+        items = [t for t in tensors if t is not None]
+        if items and not bool(torch.stack([torch.isfinite(t).all() for t in items]).all()):
+            raise NonFiniteError(
+                f"{self.method}: non-finite {what} at step {self.step_count}; "
+                "parameters and optimizer state are unchanged"
+            )
+
+    @contextmanager
+    def _curvature_timer(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stats.curvature_seconds += time.perf_counter() - start
+
+    # -------------------------------------------------------------- common updates
+    def _momentum(self, p: Tensor, grad: Tensor, mu: float, style: str) -> Tensor:
+        """Update and return the momentum gradient ``m`` of ``p`` (``grad`` itself when ``mu = 0``)."""
+        if mu == 0:
+            return grad
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.zeros_like(p)
+        if style == MomentumStyle.AVERAGE.value:
+            buf.mul_(mu).add_(grad, alpha=1.0 - mu)
+        else:
+            buf.mul_(mu).add_(grad)
+        return buf
+
+    @staticmethod
+    def _apply_update(p: Tensor, direction: Tensor, lr: float, weight_decay: float) -> None:
+        """Decoupled weight decay and step: ``W <- W - lr (P + gamma W)`` (3.7.2, Alg. 15 line 19)."""
+        if weight_decay != 0:
+            p.mul_(1.0 - lr * weight_decay)
+        p.add_(direction, alpha=-lr)
+
+    # -------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """All optimizer state keyed by parameter and module name (tensors are copies)."""
+        groups = []
+        for g in self.param_groups:
+            entry = {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+            entry["params"] = [self.param_names[p] for p in g["params"]]
+            groups.append(entry)
+        param_state = {
+            self.param_names[p]: _clone(s) for p, s in self.state.items() if p in self.param_names and s
+        }
+        return {
+            "format": STATE_FORMAT,
+            "method": self.method,
+            "step_count": self.step_count,
+            "seed": self.seed,
+            "param_groups": groups,
+            "param_state": param_state,
+            "module_state": _clone(self.module_state),
+            "generator": self.generator.get_state().clone(),
+            "stats": self.stats.as_dict(),
+            "extra": _clone(self._extra_state()),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Restore a :meth:`state_dict`; raises ``ValueError`` if it belongs to another method or model."""
+        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+            raise ValueError("state_dict: not a secondorder optimizer state (missing or unknown 'format')")
+        if state_dict.get("method") != self.method:
+            raise ValueError(
+                f"state_dict: saved by method {state_dict.get('method')!r}, cannot load into {self.method!r}"
+            )
+        by_name = {n: p for n, p in self.named_params()}
+        saved_names = [n for g in state_dict["param_groups"] for n in g["params"]]
+        if sorted(saved_names) != sorted(by_name):
+            missing = sorted(set(by_name) - set(saved_names))
+            unexpected = sorted(set(saved_names) - set(by_name))
+            raise ValueError(f"state_dict: parameter names differ (missing {missing}, unexpected {unexpected})")
+        device = next(iter(by_name.values())).device
+        for g_saved, g in zip(state_dict["param_groups"], self.param_groups, strict=True):
+            for k, v in g_saved.items():
+                if k != "params":
+                    g[k] = copy.deepcopy(v)
+        self.state.clear()
+        for name, s in state_dict["param_state"].items():
+            p = by_name[name]
+            self.state[p] = _to(s, p.device)
+        self.module_state = _to(state_dict["module_state"], device)
+        self.step_count = int(state_dict["step_count"])
+        self.seed = int(state_dict["seed"])
+        self.generator.set_state(state_dict["generator"].clone())
+        stats = dict(state_dict["stats"])
+        self.stats = OptimizerStats(**stats)
+        self._load_extra_state(_to(state_dict.get("extra", {}), device))
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Method-specific state that is neither per-parameter nor per-module."""
+        return {}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        pass
+
+
+def _clone(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_clone(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().clone().to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to(v, device) for v in obj)
+    return copy.deepcopy(obj)

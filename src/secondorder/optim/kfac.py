@@ -1,0 +1,292 @@
+"""KFAC and KFAC-EF: Algorithm 12 (conv and FC layers), Algorithm 7 (the chapter-2 FC form).
+
+Per modeled layer ``l`` (``Linear``, or ``Conv2d`` with groups 1), with ``abar`` the layer
+input with the homogeneous 1 (im2col patches for conv) and ``g = dl_n/dh`` the per-example
+pre-activation gradient (REFERENCE_NOTES §0):
+
+* ``Omega_l = E_n[sum_t abar_t abar_t^T]``  (mean over examples, sum over locations ``t``);
+* ``Gamma_l = E_n[(1/|T|) sum_t g_t g_t^T]`` (mean over examples and locations), with targets
+  sampled from the model's predictive distribution (``kfac``, the Fisher) or the true
+  targets (``kfac-ef``, the empirical Fisher);
+* moving averages ``X <- beta X + (1 - beta) X_batch`` (``stat_decay`` = beta), statistics every
+  ``update_freq`` (T1) steps, inverses every ``inverse_freq`` (T2) steps and every T1 steps
+  during the first T2 (REFERENCE_NOTES §7);
+* inverses (line 19): ``H_Omega = (Omega + pi sqrt(lam) I)^-1``,
+  ``H_Gamma = (Gamma + sqrt(lam)/pi I)^-1`` with ``pi = sqrt((tr Omega/d_Omega) / (tr Gamma/d_Gamma))``;
+  ``pi="none"`` fixes ``pi = 1`` (Algorithm 7 and the published code);
+* step (lines 7-9): ``DW <- mu DW + DW_batch``, ``p = H_Gamma DW H_Omega``,
+  ``W <- W - alpha (p + gamma W)`` (decoupled weight decay, 3.7.2).
+
+Parameters of layers KFAC does not model (BatchNorm, embeddings, ...) follow the momentum
+gradient with the same ``lr`` and weight decay (3.7.2).
+
+Implementation choices:
+
+* The sampled-label pass reuses the graph of pass 1 at ``theta_k`` and its statistics are used
+  in the same step, as in both published codebases (REFERENCE_NOTES §11.6). It
+  differentiates w.r.t. the pre-activations only (``torch.autograd.grad``), so it writes no
+  ``.grad``, triggers no DDP all-reduce, and the true-label gradients never mix into the
+  sampled ones (REFERENCE_NOTES §7, §11.8).
+* When there is no warm start, the first statistics initialise the factors directly (the
+  bias-corrected start of the moving average).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed as D
+from ..capture import Capture, Closure, preserved_norm_buffers, supported_modules
+from ..capture import hooks as C
+from ..linalg import LinAlgError, damped_inverse, kron_apply, pi_split
+from . import hparams as H
+from .base import MomentumStyle, SecondOrderOptimizer
+
+logger = logging.getLogger(__name__)
+
+
+class PiSplit(str, enum.Enum):
+    """How the damping ``lam`` is split between the two factors."""
+
+    TRACE = "trace"  # Algorithm 12 line 19
+    NONE = "none"  # pi = 1: Algorithm 7 and the published chapter-2/4 code
+
+
+class KFAC(SecondOrderOptimizer):
+    """KFAC with the sampled-label Fisher (Algorithm 12; Algorithm 7 for FC layers).
+
+    Args:
+        model: the network (DDP-wrapped or not).
+        lr: learning rate alpha (Table 3.5, MNIST: 0.03).
+        damping: lambda (Table 3.5, MNIST: 1).
+        momentum: mu of ``DW <- mu DW + DW`` (0.9; 0 turns momentum off).
+        stat_decay: beta of the factor moving averages (0.9; 0 = current batch only).
+        weight_decay: decoupled weight decay gamma (0).
+        update_freq: T1, statistics every T1 steps (1 for autoencoders, 10 for CNNs).
+        inverse_freq: T2, inverses every T2 steps (20 for autoencoders, 100 for CNNs).
+        pi: ``"trace"`` (thesis) or ``"none"`` (pi = 1, published code).
+        momentum_style: ``"accumulate"`` (ch. 3-4) or ``"average"`` (ch. 2).
+        seed: seed of the optimizer's generator for sampled targets (default ``torch.initial_seed()``).
+    """
+
+    method = "kfac"
+    #: sampled targets (Fisher) or true targets (empirical Fisher)
+    sampled_fisher = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.03,
+        damping: float = 1.0,
+        momentum: float = 0.9,
+        stat_decay: float = 0.9,
+        weight_decay: float = 0.0,
+        update_freq: int = 1,
+        inverse_freq: int = 20,
+        pi: str = PiSplit.TRACE.value,
+        momentum_style: str = MomentumStyle.ACCUMULATE.value,
+        seed: int | None = None,
+    ):
+        defaults = dict(
+            lr=H.positive("lr", lr, allow_zero=True),
+            damping=H.positive("damping", damping),
+            momentum=H.fraction("momentum", momentum),
+            stat_decay=H.fraction("stat_decay", stat_decay),
+            weight_decay=H.positive("weight_decay", weight_decay, allow_zero=True),
+            update_freq=H.count("update_freq", update_freq),
+            inverse_freq=H.count("inverse_freq", inverse_freq),
+            pi=H.choice("pi", pi, PiSplit),
+            momentum_style=H.choice("momentum_style", momentum_style, MomentumStyle),
+        )
+        super().__init__(model, defaults, seed=seed)
+        self.layers = supported_modules(self.module)
+        self.capture = Capture(self.layers)
+        modeled = {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
+        self.other_params = [n for n, p in self.named_params() if id(p) not in modeled]
+        logger.info(
+            "%s models %d layers (%s); %d other parameter tensors follow the momentum gradient",
+            self.method, len(self.layers), ", ".join(self.layers), len(self.other_params),
+        )
+
+    @property
+    def modeled_modules(self) -> list[str]:
+        """Names of the layers with Kronecker factors."""
+        return list(self.layers)
+
+    # --------------------------------------------------------------- statistics
+    def _layer_statistics(
+        self, closure: Closure, recs: dict[str, C.LayerRecord], grads: dict[str, Tensor | None]
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """``(Omega_batch, Gamma_batch)`` per layer from one pass (Algorithm 12, line 14)."""
+        m = closure.batch_size
+        factor = closure.batch_factor  # g_n = factor * dL/dh_n
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, module in self.layers.items():
+            rec, dh = recs[name], grads[name]
+            if dh is None or rec.inputs is None:
+                raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
+            a = C.input_rows(module, rec.inputs)  # (m|T|, D)
+            g = C.output_rows(module, dh)  # (m|T|, d_o), unscaled dL/dh
+            t = C.num_locations(module, dh)
+            omega = torch.mm(a.t(), a).div_(m)  # E_n[sum_t abar abar^T]
+            gamma = torch.mm(g.t(), g).mul_(factor * factor / (m * t))  # E_{n,t}[g g^T]
+            out[name] = (omega, gamma)
+        self._check_tensors("curvature statistics", [x for pair in out.values() for x in pair])
+        return out
+
+    def _sampled_or_true_grads(
+        self, closure: Closure, outputs: Tensor, loss: Tensor, recs: dict[str, C.LayerRecord], retain: bool
+    ) -> dict[str, Tensor | None]:
+        """``dL/dh`` per layer for the sampled-target loss (``kfac``) or the true loss (``kfac-ef``)."""
+        target_loss = closure.sampled_loss(outputs, self.generator) if self.sampled_fisher else loss
+        hs = [recs[n].outputs for n in self.layers]
+        grads = closure.grad(target_loss, hs, retain_graph=retain)  # type: ignore[arg-type]
+        return dict(zip(self.layers, grads, strict=True))
+
+    def warm_start(self, closures: Iterable[Closure]) -> int:
+        """Algorithm 12 line 2: ``Omega``, ``Gamma`` = equal-weight averages over the closures.
+
+        Uses sampled targets for ``kfac`` and true targets for ``kfac-ef``; batch-norm running
+        statistics are left unchanged. Returns the number of minibatches used.
+        """
+        sums: dict[str, list[Tensor]] = {}
+        count = 0
+        with self._curvature_timer():
+            for closure in closures:
+                with preserved_norm_buffers(self.module), torch.enable_grad():
+                    with self.capture.record(inputs=True, outputs=True) as recs:
+                        result = closure.forward(sync=False)
+                    self._check_loss(result.loss)
+                    grads = self._sampled_or_true_grads(closure, result.outputs, result.loss, recs, False)
+                self.stats.warm_start_forward_passes += 1
+                self.stats.warm_start_backward_passes += 1
+                for name, (omega, gamma) in self._layer_statistics(closure, recs, grads).items():
+                    if name in sums:
+                        sums[name][0].add_(omega)
+                        sums[name][1].add_(gamma)
+                    else:
+                        sums[name] = [omega, gamma]
+                count += 1
+            if count:
+                D.all_reduce_mean([x for pair in sums.values() for x in pair])
+                for name, (omega, gamma) in sums.items():
+                    st = self.module_state.setdefault(name, {})
+                    st["omega"] = omega.div_(count)
+                    st["gamma"] = gamma.div_(count)
+        return count
+
+    # --------------------------------------------------------------- step
+    def _step(self, closure: Closure) -> Tensor:
+        g = self.param_groups[0]
+        k = self.step_count
+        t1, t2 = g["update_freq"], g["inverse_freq"]
+        stats_due = k % t1 == 0
+        inverse_due = k % t2 == 0 or (k <= t2 and stats_due)
+        rng = self.generator.get_state()
+
+        self.zero_grad(set_to_none=True)
+        sampled = stats_due and self.sampled_fisher
+        try:
+            with torch.enable_grad():
+                ctx = (
+                    self.capture.record(inputs=True, outputs=sampled, output_grads=not sampled)
+                    if stats_due
+                    else contextlib.nullcontext({})
+                )
+                with ctx as recs:
+                    result = closure.forward()
+                    self._check_loss(result.loss)
+                    result.loss.backward(retain_graph=sampled)
+                self.stats.forward_passes += 1
+                self.stats.backward_passes += 1
+                self._check_grads()
+                batch_stats = {}
+                if stats_due:
+                    with self._curvature_timer():
+                        if sampled:
+                            grads = self._sampled_or_true_grads(closure, result.outputs, result.loss, recs, False)
+                            self.stats.backward_passes += 1
+                        else:  # kfac-ef: dL/dh of the true loss, captured during the backward above
+                            grads = {n: r.output_grads for n, r in recs.items()}
+                        batch_stats = self._layer_statistics(closure, recs, grads)
+                        D.all_reduce_mean([x for pair in batch_stats.values() for x in pair])
+        except FloatingPointError:
+            self.generator.set_state(rng)  # lose nothing: the sampled targets are drawn again
+            raise
+
+        with torch.no_grad():
+            with self._curvature_timer():
+                if stats_due:
+                    self._update_factors(batch_stats, g["stat_decay"])
+                if inverse_due:
+                    self._update_inverses(g["damping"], g["pi"])
+            self._apply_step(g)
+        return result.loss.detach()
+
+    def _update_factors(self, batch_stats: dict[str, tuple[Tensor, Tensor]], beta: float) -> None:
+        for name, (omega, gamma) in batch_stats.items():
+            st = self.module_state.setdefault(name, {})
+            if "omega" not in st:
+                st["omega"], st["gamma"] = omega, gamma
+            else:
+                st["omega"].mul_(beta).add_(omega, alpha=1.0 - beta)
+                st["gamma"].mul_(beta).add_(gamma, alpha=1.0 - beta)
+
+    def _update_inverses(self, damping: float, pi_mode: str) -> None:
+        """Algorithm 12 line 19, each layer on its owner rank, then broadcast."""
+        owners = D.assign_owners(
+            {n: float(st["omega"].shape[0] ** 3 + st["gamma"].shape[0] ** 3) for n, st in self.module_state.items()}
+        )
+        me = D.rank()
+        root = math.sqrt(damping)
+        for name, st in self.module_state.items():
+            if owners[name] != me:
+                st.setdefault("omega_inv", torch.empty_like(st["omega"]))
+                st.setdefault("gamma_inv", torch.empty_like(st["gamma"]))
+                continue
+            pi = pi_split(st["omega"], st["gamma"]) if pi_mode == PiSplit.TRACE.value else 1.0
+            try:
+                st["omega_inv"] = damped_inverse(st["omega"], pi * root)
+                st["gamma_inv"] = damped_inverse(st["gamma"], root / pi)
+            except LinAlgError as err:
+                if "omega_inv" not in st:
+                    raise
+                logger.warning("%s: keeping the previous inverses of layer '%s': %s", self.method, name, err)
+            st["pi"] = pi
+        D.broadcast_from_owners({n: [st["omega_inv"], st["gamma_inv"]] for n, st in self.module_state.items()}, owners)
+
+    def _apply_step(self, g: dict[str, Any]) -> None:
+        """Lines 7-9: momentum, ``p = H_Gamma DW H_Omega``, decoupled weight decay; other params by momentum."""
+        lr, wd, mu, style = g["lr"], g["weight_decay"], g["momentum"], g["momentum_style"]
+        for name, module in self.layers.items():
+            w, b = module.weight, module.bias
+            if w.grad is None:
+                continue
+            gw = self._momentum(w, w.grad, mu, style)
+            gb = self._momentum(b, b.grad, mu, style) if b is not None and b.grad is not None else None
+            st = self.module_state[name]
+            direction = kron_apply(st["gamma_inv"], C.grad_matrix(module, gw, gb), st["omega_inv"])
+            pw, pb = C.split_matrix(module, direction)
+            self._apply_update(w, pw, lr, wd)
+            if b is not None and pb is not None:
+                self._apply_update(b, pb, lr, wd)
+        by_name = dict(self.named_params())
+        for pname in self.other_params:
+            p = by_name[pname]
+            if p.grad is not None:
+                self._apply_update(p, self._momentum(p, p.grad, mu, style), lr, wd)
+
+
+class KFACEF(KFAC):
+    """KFAC with the empirical Fisher: ``Gamma`` from the true-target gradients, no extra backward."""
+
+    method = "kfac-ef"
+    sampled_fisher = False
