@@ -8,8 +8,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-import secondorder as so
-
 #: hyper-parameters under which each method trains the tiny test problems stably.
 #: Every registered method has an entry; the generic tests use it for whatever is implemented.
 TEST_HP: dict[str, dict] = {
@@ -86,7 +84,9 @@ def roundtrip(obj):
     return torch.load(buf, weights_only=False)
 
 
-def per_example_param_grads(model: nn.Module, x: Tensor, y: Tensor, per_example_loss: Callable) -> dict[str, Tensor]:
+def per_example_param_grads(
+    model: nn.Module, x: Tensor, y: Tensor, per_example_loss: Callable
+) -> dict[str, Tensor]:
     """``d l_n / d theta`` for every example via ``torch.func.vmap(grad)``: ``{name: (m, *shape)}``."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = {n: b for n, b in model.named_buffers()}

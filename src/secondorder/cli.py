@@ -47,9 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         bench = _bench_module()
         if bench is not None:
-            return bench.main(parser.parse_args(["bench", *(argv or [])]))
-        parser.print_help()
-        return 0
+            return bench.main(parser.parse_args(["bench"]))
+        from .demo import run_demo
+
+        return run_demo(10, 0, ["sgd", "kfac"])
     if args.command == "demo":
         from .demo import run_demo
 

@@ -30,21 +30,33 @@ def demo_data(seed: int, n: int = 2000, d: int = 64, latent: int = 4) -> torch.T
 
 def demo_model(d: int = 64) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(d, 48), nn.ReLU(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 4),
-        nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, d),
+        nn.Linear(d, 48),
+        nn.ReLU(),
+        nn.Linear(48, 16),
+        nn.ReLU(),
+        nn.Linear(16, 4),
+        nn.Linear(4, 16),
+        nn.ReLU(),
+        nn.Linear(16, 48),
+        nn.ReLU(),
+        nn.Linear(48, d),
     )
 
 
 def run_demo(epochs: int, seed: int, names: list[str], batch: int = 100) -> int:
     x = demo_data(seed)
     loss_fn = losses.SummedBCEWithLogitsLoss()
-    print(f"demo: 64-48-16-4-16-48-64 autoencoder, {x.shape[0]} generated images, batch {batch}, "
-          f"summed BCE (the thesis autoencoder loss)")
+    print(
+        f"demo: 64-48-16-4-16-48-64 autoencoder, {x.shape[0]} generated images, batch {batch}, "
+        f"summed BCE (the thesis autoencoder loss)"
+    )
     for name in names:
         torch.manual_seed(seed)
         model = demo_model(x.shape[1])
         opt = make_optimizer(name, model, **DEMO_HP.get(name, {}))
-        closures = [Closure(model, x[i : i + batch], x[i : i + batch], loss_fn) for i in range(0, len(x), batch)]
+        closures = [
+            Closure(model, x[i : i + batch], x[i : i + batch], loss_fn) for i in range(0, len(x), batch)
+        ]
         opt.warm_start(closures)
         start = time.process_time()
         line = []

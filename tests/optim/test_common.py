@@ -44,8 +44,23 @@ def full_loss(model, x, y) -> float:
 
 def test_registry_lists_every_design_name():
     expected = {
-        "sgd", "adam", "rmsprop", "kbfgs", "kbfgsl", "kbfgs20", "kbfgsl20", "kfac", "kfac-ef",
-        "tnt", "tnt-ef", "shampoo", "smw-gn", "smw-ng", "smw-ng-bd", "hf", "block-fisher",
+        "sgd",
+        "adam",
+        "rmsprop",
+        "kbfgs",
+        "kbfgsl",
+        "kbfgs20",
+        "kbfgsl20",
+        "kfac",
+        "kfac-ef",
+        "tnt",
+        "tnt-ef",
+        "shampoo",
+        "smw-gn",
+        "smw-ng",
+        "smw-ng-bd",
+        "hf",
+        "block-fisher",
     }
     assert set(so.METHODS) == expected
     assert {"sgd", "adam", "rmsprop", "kfac", "kfac-ef"} <= set(METHODS)
@@ -152,7 +167,9 @@ def test_non_finite_gradient_raises_before_anything_changes(name):
     state = opt.state_dict()
     # finite loss, NaN gradient: sqrt at 0 has an infinite derivative, times 0 -> NaN
     weird = so.Closure(model, x[:8], y[:8], nn.CrossEntropyLoss())
-    weird.loss_fn = lambda out, t: nn.functional.cross_entropy(out, t) + 0.0 * (out - out.detach()).abs().sqrt().sum()
+    weird.loss_fn = lambda out, t: (
+        nn.functional.cross_entropy(out, t) + 0.0 * (out - out.detach()).abs().sqrt().sum()
+    )
     with pytest.raises(so.NonFiniteError, match="gradient"):
         opt.step(weird)
     for k, v in model.state_dict().items():
@@ -184,11 +201,11 @@ def test_resumed_run_is_bit_for_bit_the_uninterrupted_run(name, kind):
     opt = make(name, model)
     cs = closures(model, x, y)
     opt.warm_start(cs)
-    for epoch in range(2):
+    for _epoch in range(2):
         for c in cs:
             opt.step(c)
     checkpoint = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
-    for epoch in range(2):
+    for _epoch in range(2):
         for c in cs:
             opt.step(c)
     reference = copy.deepcopy(model.state_dict())
@@ -198,7 +215,7 @@ def test_resumed_run_is_bit_for_bit_the_uninterrupted_run(name, kind):
     opt2 = make(name, resumed, seed=12345) if "seed" in _args(name) else make(name, resumed)
     opt2.load_state_dict(checkpoint["opt"])
     cs2 = closures(resumed, x, y)
-    for epoch in range(2):
+    for _epoch in range(2):
         for c in cs2:
             opt2.step(c)
     for k, v in resumed.state_dict().items():

@@ -163,19 +163,18 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _check_grads(self) -> None:
         grads = [(n, p.grad) for n, p in self.named_params() if p.grad is not None]
-        if not grads:
+        if not grads or all_finite([g for _, g in grads]):
             return
-        ok = torch.stack([torch.isfinite(g).all() for _, g in grads])
-        if not bool(ok.all()):
-            bad = [n for (n, _), good in zip(grads, ok.tolist(), strict=True) if not good]
+        ok = [bool(torch.isfinite(g).all()) for _, g in grads]
+        if not all(ok):
+            bad = [n for (n, _), good in zip(grads, ok, strict=True) if not good]
             raise NonFiniteError(
                 f"{self.method}: non-finite gradient in {', '.join(bad)} at step {self.step_count}; "
                 "parameters and optimizer state are unchanged"
             )
 
     def _check_tensors(self, what: str, tensors: Iterable[Tensor | None]) -> None:
-        items = [t for t in tensors if t is not None]
-        if items and not bool(torch.stack([torch.isfinite(t).all() for t in items]).all()):
+        if not all_finite([t for t in tensors if t is not None]):
             raise NonFiniteError(
                 f"{self.method}: non-finite {what} at step {self.step_count}; "
                 "parameters and optimizer state are unchanged"
@@ -248,7 +247,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if sorted(saved_names) != sorted(by_name):
             missing = sorted(set(by_name) - set(saved_names))
             unexpected = sorted(set(saved_names) - set(by_name))
-            raise ValueError(f"state_dict: parameter names differ (missing {missing}, unexpected {unexpected})")
+            raise ValueError(
+                f"state_dict: parameter names differ (missing {missing}, unexpected {unexpected})"
+            )
         device = next(iter(by_name.values())).device
         for g_saved, g in zip(state_dict["param_groups"], self.param_groups, strict=True):
             for k, v in g_saved.items():
@@ -272,6 +273,21 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         pass
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite.
+
+    Fast path: one sum per tensor (a NaN or inf entry makes the sum non-finite); only when a
+    sum is not finite are the entries checked one by one, so a finite tensor whose sum
+    overflows is not mistaken for a non-finite one.
+    """
+    if not tensors:
+        return True
+    sums = torch.stack([t.sum().float() for t in tensors])
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _clone(obj: Any) -> Any:

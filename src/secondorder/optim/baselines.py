@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as D
 from ..capture import Closure, preserved_norm_buffers
 from . import hparams as H
 from .base import MomentumStyle, SecondOrderOptimizer
@@ -198,13 +199,14 @@ class RMSprop(SecondOrderOptimizer):
         count = 0
         for closure in closures:
             with preserved_norm_buffers(self.module), torch.enable_grad():
-                result = closure.forward(sync=True)
+                result = closure.forward(sync=False)
                 self._check_loss(result.loss)
                 params = [p for _, p in self.named_params()]
                 grads = torch.autograd.grad(result.loss, params, allow_unused=True)
             self.stats.warm_start_forward_passes += 1
             self.stats.warm_start_backward_passes += 1
             self._check_tensors("warm-start gradient", grads)
+            D.all_reduce_mean([g for g in grads if g is not None])  # the global minibatch gradient under DDP
             for p, gr in zip(params, grads, strict=True):
                 if gr is not None:
                     sums[p] = sums[p].addcmul_(gr, gr) if p in sums else gr * gr

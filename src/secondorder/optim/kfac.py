@@ -113,7 +113,10 @@ class KFAC(SecondOrderOptimizer):
         self.other_params = [n for n, p in self.named_params() if id(p) not in modeled]
         logger.info(
             "%s models %d layers (%s); %d other parameter tensors follow the momentum gradient",
-            self.method, len(self.layers), ", ".join(self.layers), len(self.other_params),
+            self.method,
+            len(self.layers),
+            ", ".join(self.layers),
+            len(self.other_params),
         )
 
     @property
@@ -122,13 +125,19 @@ class KFAC(SecondOrderOptimizer):
         return list(self.layers)
 
     # --------------------------------------------------------------- statistics
-    def _layer_statistics(
+    def _factor_rows(
         self, closure: Closure, recs: dict[str, C.LayerRecord], grads: dict[str, Tensor | None]
-    ) -> dict[str, tuple[Tensor, Tensor]]:
-        """``(Omega_batch, Gamma_batch)`` per layer from one pass (Algorithm 12, line 14)."""
+    ) -> dict[str, tuple[Tensor, float, Tensor, float]]:
+        """Per layer ``(abar rows, s_a, dL/dh rows, s_g)`` with ``Omega = s_a A^T A``, ``Gamma = s_g G^T G``.
+
+        ``s_a = 1/m`` and ``s_g = factor^2/(m|T|)``.
+
+        ``Omega = E_n[sum_t abar abar^T]`` and ``Gamma = E_{n,t}[g g^T]`` with ``g = factor * dL/dh``
+        (Algorithm 12, line 14). The rows are checked for non-finite values here, before any state changes.
+        """
         m = closure.batch_size
         factor = closure.batch_factor  # g_n = factor * dL/dh_n
-        out: dict[str, tuple[Tensor, Tensor]] = {}
+        out: dict[str, tuple[Tensor, float, Tensor, float]] = {}
         for name, module in self.layers.items():
             rec, dh = recs[name], grads[name]
             if dh is None or rec.inputs is None:
@@ -136,11 +145,22 @@ class KFAC(SecondOrderOptimizer):
             a = C.input_rows(module, rec.inputs)  # (m|T|, D)
             g = C.output_rows(module, dh)  # (m|T|, d_o), unscaled dL/dh
             t = C.num_locations(module, dh)
-            omega = torch.mm(a.t(), a).div_(m)  # E_n[sum_t abar abar^T]
-            gamma = torch.mm(g.t(), g).mul_(factor * factor / (m * t))  # E_{n,t}[g g^T]
-            out[name] = (omega, gamma)
-        self._check_tensors("curvature statistics", [x for pair in out.values() for x in pair])
+            out[name] = (a, 1.0 / m, g, factor * factor / (m * t))
+        self._check_tensors("curvature statistics", [x for rows in out.values() for x in (rows[0], rows[2])])
         return out
+
+    def _accumulate_factors(self, rows: dict[str, tuple[Tensor, float, Tensor, float]], beta: float) -> None:
+        """``X <- beta X + (1 - beta) X_batch`` in place (one GEMM per factor); first use initialises."""
+        for name, (a, sa, g, sg) in rows.items():
+            st = self.module_state.setdefault(name, {})
+            if "omega" not in st:
+                st["omega"] = torch.mm(a.t(), a).mul_(sa)
+                st["gamma"] = torch.mm(g.t(), g).mul_(sg)
+            else:
+                st["omega"].addmm_(a.t(), a, beta=beta, alpha=(1.0 - beta) * sa)
+                st["gamma"].addmm_(g.t(), g, beta=beta, alpha=(1.0 - beta) * sg)
+        # EMA is linear and the old factors agree across ranks: averaging after the update is exact
+        D.all_reduce_mean([st[k] for n in rows for st in (self.module_state[n],) for k in ("omega", "gamma")])
 
     def _sampled_or_true_grads(
         self, closure: Closure, outputs: Tensor, loss: Tensor, recs: dict[str, C.LayerRecord], retain: bool
@@ -168,12 +188,12 @@ class KFAC(SecondOrderOptimizer):
                     grads = self._sampled_or_true_grads(closure, result.outputs, result.loss, recs, False)
                 self.stats.warm_start_forward_passes += 1
                 self.stats.warm_start_backward_passes += 1
-                for name, (omega, gamma) in self._layer_statistics(closure, recs, grads).items():
+                for name, (a, sa, g, sg) in self._factor_rows(closure, recs, grads).items():
                     if name in sums:
-                        sums[name][0].add_(omega)
-                        sums[name][1].add_(gamma)
+                        sums[name][0].addmm_(a.t(), a, alpha=sa)
+                        sums[name][1].addmm_(g.t(), g, alpha=sg)
                     else:
-                        sums[name] = [omega, gamma]
+                        sums[name] = [torch.mm(a.t(), a).mul_(sa), torch.mm(g.t(), g).mul_(sg)]
                 count += 1
             if count:
                 D.all_reduce_mean([x for pair in sums.values() for x in pair])
@@ -212,12 +232,13 @@ class KFAC(SecondOrderOptimizer):
                 if stats_due:
                     with self._curvature_timer():
                         if sampled:
-                            grads = self._sampled_or_true_grads(closure, result.outputs, result.loss, recs, False)
+                            grads = self._sampled_or_true_grads(
+                                closure, result.outputs, result.loss, recs, False
+                            )
                             self.stats.backward_passes += 1
                         else:  # kfac-ef: dL/dh of the true loss, captured during the backward above
                             grads = {n: r.output_grads for n, r in recs.items()}
-                        batch_stats = self._layer_statistics(closure, recs, grads)
-                        D.all_reduce_mean([x for pair in batch_stats.values() for x in pair])
+                        batch_stats = self._factor_rows(closure, recs, grads)
         except FloatingPointError:
             self.generator.set_state(rng)  # lose nothing: the sampled targets are drawn again
             raise
@@ -225,25 +246,19 @@ class KFAC(SecondOrderOptimizer):
         with torch.no_grad():
             with self._curvature_timer():
                 if stats_due:
-                    self._update_factors(batch_stats, g["stat_decay"])
+                    self._accumulate_factors(batch_stats, g["stat_decay"])
                 if inverse_due:
                     self._update_inverses(g["damping"], g["pi"])
             self._apply_step(g)
         return result.loss.detach()
 
-    def _update_factors(self, batch_stats: dict[str, tuple[Tensor, Tensor]], beta: float) -> None:
-        for name, (omega, gamma) in batch_stats.items():
-            st = self.module_state.setdefault(name, {})
-            if "omega" not in st:
-                st["omega"], st["gamma"] = omega, gamma
-            else:
-                st["omega"].mul_(beta).add_(omega, alpha=1.0 - beta)
-                st["gamma"].mul_(beta).add_(gamma, alpha=1.0 - beta)
-
     def _update_inverses(self, damping: float, pi_mode: str) -> None:
         """Algorithm 12 line 19, each layer on its owner rank, then broadcast."""
         owners = D.assign_owners(
-            {n: float(st["omega"].shape[0] ** 3 + st["gamma"].shape[0] ** 3) for n, st in self.module_state.items()}
+            {
+                n: float(st["omega"].shape[0] ** 3 + st["gamma"].shape[0] ** 3)
+                for n, st in self.module_state.items()
+            }
         )
         me = D.rank()
         root = math.sqrt(damping)
@@ -261,10 +276,15 @@ class KFAC(SecondOrderOptimizer):
                     raise
                 logger.warning("%s: keeping the previous inverses of layer '%s': %s", self.method, name, err)
             st["pi"] = pi
-        D.broadcast_from_owners({n: [st["omega_inv"], st["gamma_inv"]] for n, st in self.module_state.items()}, owners)
+        D.broadcast_from_owners(
+            {n: [st["omega_inv"], st["gamma_inv"]] for n, st in self.module_state.items()}, owners
+        )
 
     def _apply_step(self, g: dict[str, Any]) -> None:
-        """Lines 7-9: momentum, ``p = H_Gamma DW H_Omega``, decoupled weight decay; other params by momentum."""
+        """Lines 7-9: momentum, ``p = H_Gamma DW H_Omega``, decoupled weight decay.
+
+        Parameters of layers without factors follow the momentum gradient.
+        """
         lr, wd, mu, style = g["lr"], g["weight_decay"], g["momentum"], g["momentum_style"]
         for name, module in self.layers.items():
             w, b = module.weight, module.bias

@@ -48,10 +48,14 @@ def optimizer_class(name: str) -> type[SecondOrderOptimizer]:
     except ModuleNotFoundError as err:
         if err.name != module_name:
             raise
-        raise NotImplementedError(f"optimizer {name!r} is not implemented yet (see the README's method table)") from None
+        raise NotImplementedError(
+            f"optimizer {name!r} is not implemented yet (see the README's method table)"
+        ) from None
     cls = getattr(module, class_name, None)
     if cls is None:
-        raise NotImplementedError(f"optimizer {name!r} is not implemented yet (see the README's method table)")
+        raise NotImplementedError(
+            f"optimizer {name!r} is not implemented yet (see the README's method table)"
+        )
     return cls
 
 
@@ -79,5 +83,7 @@ def make_optimizer(name: str, model: nn.Module, **hp: Any) -> SecondOrderOptimiz
     accepted = [p for p in params if p not in ("self", "model")]
     unknown = sorted(set(hp) - set(accepted))
     if unknown:
-        raise ValueError(f"{name}: unknown hyper-parameter(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+        raise ValueError(
+            f"{name}: unknown hyper-parameter(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
+        )
     return cls(model, **hp)
