@@ -2,10 +2,21 @@
 
 from .base import MomentumStyle, NonFiniteError, OptimizerStats, SecondOrderOptimizer
 from .baselines import SGD, Adam, AdamVariant, RMSprop
+from .hf import HessianFree
 from .kfac import KFAC, KFACEF, PiSplit
+from .levenberg import CurvatureSample, LMRule, ModelReduction
 from .registry import METHODS, implemented, make_optimizer, optimizer_class
+from .smw import SMWGN, SMWNG, SMWNGBD, Fisher
 
 __all__ = [
+    "SMWGN",
+    "SMWNG",
+    "SMWNGBD",
+    "CurvatureSample",
+    "Fisher",
+    "HessianFree",
+    "LMRule",
+    "ModelReduction",
     "KFAC",
     "KFACEF",
     "METHODS",
