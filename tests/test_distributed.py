@@ -18,7 +18,11 @@ STEPS = 4
 BATCH = 8
 
 #: deterministic methods (no sampled targets), where the equivalence is exact up to round-off
-DETERMINISTIC = [n for n in ("sgd", "adam", "rmsprop", "kfac-ef") if n in so.implemented()]
+DETERMINISTIC = [
+    n
+    for n in ("sgd", "adam", "rmsprop", "kfac-ef", "kbfgs", "kbfgsl", "kbfgs20", "kbfgsl20")
+    if n in so.implemented()
+]
 
 
 def _train(name, model, batches, warm):

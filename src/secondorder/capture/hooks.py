@@ -131,7 +131,8 @@ def num_locations(module: Modeled, h: Tensor) -> int:
 
 def spatial_mean(module: Modeled, h: Tensor) -> Tensor:
     """Mean over examples and locations of a pre-activation-shaped tensor, ``(d_o,)``."""
-    return output_rows(module, h).mean(0)
+    rows = output_rows(module, h)
+    return rows.sum(0).div_(rows.shape[0])
 
 
 def grad_matrix(module: Modeled, weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:

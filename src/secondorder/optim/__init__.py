@@ -3,12 +3,22 @@
 from .base import MomentumStyle, NonFiniteError, OptimizerStats, SecondOrderOptimizer
 from .baselines import SGD, Adam, AdamVariant, RMSprop
 from .hf import HessianFree
+from .kbfgs import KBFGS, KBFGS20, KBFGSL, KBFGSL20, VARIANTS, AInverse, AStatistic, PairDamping, SkipRule
 from .kfac import KFAC, KFACEF, PiSplit
 from .levenberg import CurvatureSample, LMRule, ModelReduction
 from .registry import METHODS, implemented, make_optimizer, optimizer_class
 from .smw import SMWGN, SMWNG, SMWNGBD, Fisher
 
 __all__ = [
+    "KBFGS",
+    "KBFGS20",
+    "KBFGSL",
+    "KBFGSL20",
+    "VARIANTS",
+    "AInverse",
+    "AStatistic",
+    "PairDamping",
+    "SkipRule",
     "SMWGN",
     "SMWNG",
     "SMWNGBD",
