@@ -137,3 +137,20 @@ def test_unsupported_layers_are_not_modeled():
 def test_ddp_wrapper_is_unwrapped():
     model = tiny_mlp()
     assert C.unwrap(nn.DataParallel(model)) is model
+
+
+def test_recorded_activations_are_freed_after_the_phase():
+    """Regression: the gradient hook must not keep the record (and the activations) alive."""
+    import gc
+    import weakref
+
+    model = tiny_mlp()
+    cap = C.Capture(C.supported_modules(model))
+    with cap.record(inputs=True, outputs=True, output_grads=True) as recs:
+        out = model(torch.randn(4, 6, dtype=torch.float64))
+        out.sum().backward()
+    assert recs["0"].output_grads is not None
+    watch = weakref.ref(recs["0"].outputs)
+    del recs, out
+    gc.collect()
+    assert watch() is None

@@ -25,6 +25,7 @@ Nothing here is specific to one method.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -191,8 +192,15 @@ class Capture:
         handles = []
 
         def make_hook(rec: LayerRecord):
+            # The tensor hook lives on the output's autograd node; a strong reference to ``rec``
+            # (which holds that output) would form a cycle through autograd that Python's garbage
+            # collector cannot see, leaking every step's activations.
+            ref = weakref.ref(rec)
+
             def store_grad(grad: Tensor) -> None:
-                rec.output_grads = grad.detach()
+                r = ref()
+                if r is not None:
+                    r.output_grads = grad.detach()
 
             def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
                 rec.calls += 1
