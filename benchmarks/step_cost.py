@@ -96,7 +96,9 @@ def main() -> None:
         "--methods", default="", help="comma-separated labels or keys (default: all implemented)"
     )
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=25, help="untimed steps (past the first T2 steps of frequent inverses)")
+    parser.add_argument(
+        "--warmup", type=int, default=25, help="untimed steps (past the first T2 steps of frequent inverses)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args()

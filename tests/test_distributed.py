@@ -20,7 +20,18 @@ BATCH = 8
 #: deterministic methods (no sampled targets), where the equivalence is exact up to round-off
 DETERMINISTIC = [
     n
-    for n in ("sgd", "adam", "rmsprop", "kfac-ef", "kbfgs", "kbfgsl", "kbfgs20", "kbfgsl20")
+    for n in (
+        "sgd",
+        "adam",
+        "rmsprop",
+        "kfac-ef",
+        "kbfgs",
+        "kbfgsl",
+        "kbfgs20",
+        "kbfgsl20",
+        "tnt-ef",
+        "shampoo",
+    )
     if n in so.implemented()
 ]
 

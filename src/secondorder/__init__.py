@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import capture, distributed, linalg, optim
+from . import capture, diagnostics, distributed, linalg, optim
 from .capture import Closure, Likelihood, infer_likelihood, losses
 from .optim import (
     KFAC,
@@ -52,6 +52,7 @@ __all__ = [
     "RMSprop",
     "SecondOrderOptimizer",
     "capture",
+    "diagnostics",
     "distributed",
     "implemented",
     "infer_likelihood",

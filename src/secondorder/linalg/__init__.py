@@ -3,9 +3,17 @@
 from . import bfgs, lbfgs
 from .cg import CGResult, conjugate_gradient
 from .kron import LinAlgError, damped_inverse, ema_gram_, gram, kron_apply, pi_split
+from .roots import coupled_newton_inverse_root, eigh_inverse_root, inverse_root
 from .smw import block_diagonal, kron_gram, kron_jvp, kron_vjp, smw_apply, smw_weights, smw_weights_singular
+from .tensor import contractions, multi_mode_product, tensor_normal_factors
 
 __all__ = [
+    "contractions",
+    "multi_mode_product",
+    "tensor_normal_factors",
+    "coupled_newton_inverse_root",
+    "eigh_inverse_root",
+    "inverse_root",
     "bfgs",
     "lbfgs",
     "CGResult",

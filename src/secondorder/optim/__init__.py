@@ -2,14 +2,21 @@
 
 from .base import MomentumStyle, NonFiniteError, OptimizerStats, SecondOrderOptimizer
 from .baselines import SGD, Adam, AdamVariant, RMSprop
+from .block_fisher import BlockFisher
 from .hf import HessianFree
 from .kbfgs import KBFGS, KBFGS20, KBFGSL, KBFGSL20, VARIANTS, AInverse, AStatistic, PairDamping, SkipRule
 from .kfac import KFAC, KFACEF, PiSplit
 from .levenberg import CurvatureSample, LMRule, ModelReduction
 from .registry import METHODS, implemented, make_optimizer, optimizer_class
+from .shampoo import Shampoo
 from .smw import SMWGN, SMWNG, SMWNGBD, Fisher
+from .tnt import TNT, TNTEF
 
 __all__ = [
+    "TNT",
+    "TNTEF",
+    "Shampoo",
+    "BlockFisher",
     "KBFGS",
     "KBFGS20",
     "KBFGSL",
