@@ -1,0 +1,1 @@
+"""The thesis benchmark suite behind ``secondorder bench``."""

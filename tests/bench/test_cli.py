@@ -1,0 +1,207 @@
+"""``secondorder bench`` end to end on tiny configurations, its error messages, and the reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from secondorder import cli
+from secondorder.bench import cli as bench_cli
+from secondorder.bench import grid as G
+from secondorder.bench import presets as PR
+from secondorder.bench import reports
+from secondorder.bench.runner import Budget, RunSpec
+from secondorder.bench.store import Store
+
+RUN_KEYS = {
+    "optimizer",
+    "seed",
+    "hp",
+    "final_train_loss",
+    "best_train_loss",
+    "final_test_error",
+    "epochs",
+    "steps",
+    "train_seconds",
+    "forward_passes",
+    "backward_passes",
+}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "bench",
+        "--problem",
+        "curves",
+        "--epochs",
+        "1",
+        "--train-size",
+        "300",
+        "--test-size",
+        "100",
+        "--batch-size",
+        "100",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--curves",
+        "n_train=300,n_test=100",
+        *extra,
+    ]
+
+
+def test_end_to_end_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels = ["sgd", "kfac"] + (["kbfgs"] if "kbfgs" in G._implemented_keys() else [])
+    threads = torch.get_num_threads()
+    code = cli.main(_tiny(tmp_path, "--optimizers", ",".join(labels), "--seeds", "2", "--report", "dd"))
+    assert code == 0
+    assert torch.get_num_threads() == threads  # the run's single thread is not left behind
+    out = tmp_path / "out"
+    for name in ("summary.json", "summary.md", "loss_vs_epoch.png", "loss_vs_time.png", "bench.sqlite"):
+        assert (out / name).is_file(), name
+    for name in ("loss_vs_epoch.png", "loss_vs_time.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    doc = json.loads((out / "summary.json").read_text())
+    assert (
+        doc["problem"] == "curves" and "synthetic" in doc["dataset"] and "curves-synth-v1" in doc["dataset"]
+    )
+    assert len(doc["runs"]) == 2 * len(labels)
+    for run in doc["runs"]:
+        assert RUN_KEYS <= set(run)
+        assert run["steps"] == 3 and run["epochs"] == 1.0 and run["status"] == "done"
+    assert {(r["optimizer"], r["seed"]) for r in doc["runs"]} == {(lab, s) for lab in labels for s in (0, 1)}
+    kfac = next(r for r in doc["runs"] if r["optimizer"] == "kfac")
+    assert kfac["hp"]["lr"] == 0.3 and kfac["hp"]["damping"] == 30  # Table 3.5, CURVES
+    md = (out / "summary.md").read_text()
+    assert "not the thesis's data" in md and "| kfac |" in md and "Table 3.5" in md
+    if "kbfgs" in labels:
+        assert (out / "dd_statistics.png").read_bytes()[:8] == PNG
+    printed = capsys.readouterr()
+    assert "| optimizer |" in printed.out and "synthetic" in printed.err
+    # the same command again: everything read back from the store
+    assert cli.main(_tiny(tmp_path, "--optimizers", ",".join(labels), "--seeds", "2")) == 0
+    assert capsys.readouterr().err.count("finished before, read from the store") == 2 * len(labels)
+
+
+def test_missing_data_is_a_message_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "data"
+    empty.mkdir()
+    code = cli.main(["bench", "--problem", "mnist", "--data-dir", str(empty), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train-images-idx3-ubyte" in err and str(empty) in err and "download" in err
+    assert "Traceback" not in err
+
+
+def test_not_implemented_and_bad_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(G, "_implemented_keys", lambda: ["sgd", "adam", "kfac"])
+    assert cli.main(_tiny(tmp_path, "--optimizers", "sgd,tnt")) == 2
+    assert "not implemented yet in this version: tnt" in capsys.readouterr().err
+    assert cli.main(_tiny(tmp_path, "--seeds", "0")) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err
+    assert cli.main(_tiny(tmp_path, "--report", "nope")) == 2
+    assert "unknown report(s) nope" in capsys.readouterr().err
+    assert cli.main(_tiny(tmp_path, "--curves", "width=3")) == 2
+    assert "unknown parameter 'width'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--time-budget", "5", "--epochs", "1"])  # mutually exclusive (argparse)
+
+
+def test_list_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "--problem", "faces", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "kbfgs-t20" in out and "Table 3.5" in out and "lr=0.03, damping=3" in out
+
+
+def test_defaults(tmp_path: Path) -> None:
+    """No arguments: curves on the generated data, the implemented thesis methods, a quick time budget."""
+    args = cli.build_parser().parse_args(["bench"])
+    config = bench_cli.config_from_args(args)
+    assert (config.problem, config.seeds, config.hp_mode, config.suite_name) == ("curves", 1, "best", "ch3")
+    from secondorder.bench import curves as CV
+    from secondorder.bench import data as D
+
+    small = D.resolve(
+        "curves", D.DataOptions(cache_dir=tmp_path, curves=CV.CurvesParams(n_train=1000, n_test=10))
+    )
+    with Store(tmp_path / "b.sqlite") as store:
+        bench = G.Benchmark(config, store, dataset=small)
+        assert bench.budget_for("kfac") == Budget(seconds=G.QUICK_CURVES_SECONDS)
+        assert bench.clock == "process" and bench.batch == 1000
+        implemented = set(G._implemented_keys())
+        expected = [r.label for r in PR.rows_for("ch3", "curves") if r.default and r.method in implemented]
+        assert [r.label for r in bench.rows] == expected
+
+
+def test_landscape_and_grid_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = PR.Suite(
+        "tiny",
+        "a 2 x 2 grid",
+        {
+            "curves": [
+                PR.Preset(
+                    "kfac",
+                    "kfac",
+                    {"lr": 0.1, "damping": 10.0, "inverse_freq": 2},
+                    {"lr": [0.03, 0.3], "damping": [1.0, 30.0]},
+                    "test",
+                    "KFAC",
+                )
+            ]
+        },
+    )
+    monkeypatch.setitem(PR.SUITES, "tiny", tiny)
+    assert cli.main(_tiny(tmp_path, "--suite", "tiny", "--hp", "grid", "--report", "landscape")) == 0
+    out = tmp_path / "out"
+    assert (out / "landscape.png").read_bytes()[:8] == PNG
+    doc = json.loads((out / "summary.json").read_text())
+    assert len(doc["grid"]["kfac"]) == 4
+    best = min(
+        doc["grid"]["kfac"], key=lambda g: g["criterion"] if g["criterion"] is not None else float("inf")
+    )
+    assert doc["best_hp"]["kfac"] == best["hp"] == doc["runs"][0]["hp"]
+    assert "## Grid search" in (out / "summary.md").read_text()
+
+
+def test_dd_series_differences_cumulative_counters() -> None:
+    records = [
+        {"epoch": 0.0, "diagnostics": {}},
+        {
+            "epoch": 1.0,
+            "diagnostics": {"kbfgs": {"fc1": {"ratio_count": 4, "ratio_within": 3, "ratio_sum": 8.0}}},
+        },
+        {
+            "epoch": 2.0,
+            "diagnostics": {"kbfgs": {"fc1": {"ratio_count": 10, "ratio_within": 9, "ratio_sum": 20.0}}},
+        },
+    ]
+    s = reports.dd_series(records)["fc1"]
+    assert s["epoch"] == [1.0, 2.0]
+    assert s["fraction"] == [0.75, 1.0]
+    assert s["mean"] == [2.0, 2.0]
+
+
+def test_ablation_table_averages_finished_runs_only() -> None:
+    def rec(seed: int, loss: float, status: str) -> G.RunRecord:
+        spec = RunSpec("curves", "d", "ablation", "kbfgs", "kbfgs", {}, seed, Budget(epochs=1), 10)
+        return G.RunRecord(spec, status, {"final_train_loss": loss}, [], "final")
+
+    class Fake:
+        pass
+
+    outcome = Fake()
+    outcome.problem = Fake()
+    outcome.problem.name = "curves"
+    outcome.finals = [rec(0, 50.0, "done"), rec(1, 60.0, "done"), rec(2, 1e16, "diverged")]
+    text = reports.ablation_table(outcome)  # type: ignore[arg-type]
+    assert "| kbfgs | yes | yes | 55.000 ± 7.071 | 3 (1 diverged) | 55.46 |" in text
+    assert "kbfgs-no-dpdlm | no | yes | — | 0 | 55.86" in text
