@@ -11,41 +11,53 @@ Quick start::
 
 from __future__ import annotations
 
-from typing import Any
-
 from . import capture, diagnostics, distributed, linalg, optim
 from .capture import Closure, Likelihood, infer_likelihood, losses
 from .optim import (
+    KBFGS,
+    KBFGS20,
+    KBFGSL,
+    KBFGSL20,
     KFAC,
     KFACEF,
     METHODS,
     SGD,
+    SMWGN,
+    SMWNG,
+    SMWNGBD,
+    TNT,
+    TNTEF,
     Adam,
+    BlockFisher,
+    HessianFree,
     NonFiniteError,
     RMSprop,
     SecondOrderOptimizer,
+    Shampoo,
     implemented,
     make_optimizer,
 )
 
 __version__ = "0.1.0.dev0"
 
-#: classes of methods that live in modules added method family by method family
-_LAZY = {cls: key for key, (_, cls) in METHODS.items()}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return optim.optimizer_class(_LAZY[name])
-    raise AttributeError(f"module 'secondorder' has no attribute {name!r}")
-
-
 __all__ = [
+    "KBFGS",
+    "KBFGS20",
+    "KBFGSL",
+    "KBFGSL20",
     "KFAC",
     "KFACEF",
     "METHODS",
     "SGD",
+    "SMWGN",
+    "SMWNG",
+    "SMWNGBD",
+    "TNT",
+    "TNTEF",
     "Adam",
+    "BlockFisher",
+    "HessianFree",
+    "Shampoo",
     "Closure",
     "Likelihood",
     "NonFiniteError",

@@ -70,6 +70,9 @@ def test_chapter_conventions() -> None:
     ch3 = {r.label: r for r in PR.rows_for("ch3", "curves")}
     assert ch3["kbfgs-t20"].method == "kbfgs" and ch3["kbfgs-t20"].hp["update_freq"] == 20
     assert ch3["kfac"].hp["inverse_freq"] == 20 and ch3["tnt"].hp["inverse_freq"] == 20
+    # the thesis pi-split by default; the published code's pi = 1 as an extra, non-default row
+    assert "pi" not in ch3["kfac"].hp and ch3["kfac"].default
+    assert ch3["kfac-pi1"].hp == {**ch3["kfac"].hp, "pi": "none"} and not ch3["kfac-pi1"].default
     cnn = {r.label: r for r in PR.rows_for("ch3", "cifar100-resnet32")}
     assert cnn["kbfgs"].hp["update_freq"] == 20 and cnn["kfac"].hp["inverse_freq"] == 100
     assert cnn["kbfgs"].hp == {
