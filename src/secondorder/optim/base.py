@@ -23,7 +23,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import Closure, preserved_norm_buffers, unwrap
+from ..capture.closure import ForwardResult
 
 logger = logging.getLogger(__name__)
 
@@ -133,22 +134,41 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         return 0
 
     # -------------------------------------------------------------- passes
+    def _forward_backward(
+        self,
+        closure: Closure,
+        record: AbstractContextManager[Any] | None = None,
+        *,
+        retain_graph: bool = False,
+    ) -> tuple[ForwardResult, Any]:
+        """Pass 1 on ``closure``: zero grads, forward, finite-loss check, backward, gradient check.
+
+        ``record`` (a capture context, e.g. ``self.capture.record(...)``) is active during the
+        forward and the backward; its records are returned with the forward result. The loss is
+        checked before the backward and the gradients after it, so a non-finite value raises
+        before any parameter or optimizer state changes. Counts one forward and one backward.
+        """
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad(), (record if record is not None else nullcontext({})) as recs:
+            result = closure.forward()
+            self._check_loss(result.loss)
+            result.loss.backward(retain_graph=retain_graph)
+        self.stats.forward_passes += 1
+        self.stats.backward_passes += 1
+        self._check_grads()
+        return result, recs
+
     def _gradient_pass(self, closure: Any) -> Tensor:
         """Pass 1: zero grads, forward, loss, backward; checks the loss and gradients."""
-        self.zero_grad(set_to_none=True)
         if isinstance(closure, Closure):
-            with torch.enable_grad():
-                result = closure.forward()
-                self._check_loss(result.loss)
-                result.loss.backward()
-            loss = result.loss.detach()
-        else:
-            with torch.enable_grad():
-                loss = closure()
-            if not isinstance(loss, Tensor):
-                loss = torch.as_tensor(loss)
-            loss = loss.detach()
-            self._check_loss(loss)
+            return self._forward_backward(closure)[0].loss.detach()
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, Tensor):
+            loss = torch.as_tensor(loss)
+        loss = loss.detach()
+        self._check_loss(loss)
         self.stats.forward_passes += 1
         self.stats.backward_passes += 1
         self._check_grads()

@@ -179,15 +179,8 @@ class BlockFisher(SecondOrderOptimizer):
         g = self.param_groups[0]
         warm = self.step_count == 0 and bool(self.module_state)  # step 0 after a warm start uses it as is
         rng = self.generator.get_state()
-        self.zero_grad(set_to_none=True)
         try:
-            with torch.enable_grad():
-                result = closure.forward()
-                self._check_loss(result.loss)
-                result.loss.backward()
-            self.stats.forward_passes += 1
-            self.stats.backward_passes += 1
-            self._check_grads()
+            result, _ = self._forward_backward(closure)
             batch: dict[str, Tensor] = {}
             if not warm:
                 with self._curvature_timer():

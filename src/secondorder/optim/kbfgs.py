@@ -83,7 +83,6 @@ of an epoch for per-epoch values.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import math
@@ -392,20 +391,8 @@ class _KBFGSBase(SecondOrderOptimizer):
         lr = g["lr"] * (k + 1) ** (-g["lr_decay_power"]) if g["lr_decay_power"] else g["lr"]
 
         # pass 1 at theta_k (Alg. 9 line 6)
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            ctx = (
-                self.capture.record(inputs=True, outputs=True, output_grads=True)
-                if curvature
-                else contextlib.nullcontext({})
-            )
-            with ctx as recs:
-                result = closure.forward()
-                self._check_loss(result.loss)
-                result.loss.backward()
-        self.stats.forward_passes += 1
-        self.stats.backward_passes += 1
-        self._check_grads()
+        record = self.capture.record(inputs=True, outputs=True, output_grads=True) if curvature else None
+        result, recs = self._forward_backward(closure, record)
         loss = result.loss.detach()
         del result
 

@@ -33,7 +33,6 @@ Implementation choices:
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import math
@@ -212,33 +211,23 @@ class KFAC(SecondOrderOptimizer):
         inverse_due = k % t2 == 0 or (k <= t2 and stats_due)
         rng = self.generator.get_state()
 
-        self.zero_grad(set_to_none=True)
         sampled = stats_due and self.sampled_fisher
         try:
-            with torch.enable_grad():
-                ctx = (
-                    self.capture.record(inputs=True, outputs=sampled, output_grads=not sampled)
-                    if stats_due
-                    else contextlib.nullcontext({})
-                )
-                with ctx as recs:
-                    result = closure.forward()
-                    self._check_loss(result.loss)
-                    result.loss.backward(retain_graph=sampled)
-                self.stats.forward_passes += 1
-                self.stats.backward_passes += 1
-                self._check_grads()
-                batch_stats = {}
-                if stats_due:
-                    with self._curvature_timer():
-                        if sampled:
-                            grads = self._sampled_or_true_grads(
-                                closure, result.outputs, result.loss, recs, False
-                            )
-                            self.stats.backward_passes += 1
-                        else:  # kfac-ef: dL/dh of the true loss, captured during the backward above
-                            grads = {n: r.output_grads for n, r in recs.items()}
-                        batch_stats = self._factor_rows(closure, recs, grads)
+            record = (
+                self.capture.record(inputs=True, outputs=sampled, output_grads=not sampled)
+                if stats_due
+                else None
+            )
+            result, recs = self._forward_backward(closure, record, retain_graph=sampled)
+            batch_stats = {}
+            if stats_due:
+                with self._curvature_timer(), torch.enable_grad():
+                    if sampled:
+                        grads = self._sampled_or_true_grads(closure, result.outputs, result.loss, recs, False)
+                        self.stats.backward_passes += 1
+                    else:  # kfac-ef: dL/dh of the true loss, captured during the backward above
+                        grads = {n: r.output_grads for n, r in recs.items()}
+                    batch_stats = self._factor_rows(closure, recs, grads)
         except FloatingPointError:
             self.generator.set_state(rng)  # lose nothing: the sampled targets are drawn again
             raise

@@ -203,20 +203,8 @@ class _SMW(LMOptimizer):
         # smw-ng with the empirical Fisher: the Linear layers' rows come from pass 1 itself
         reuse = self.curvature == "ng" and self._fisher == Fisher.EMPIRICAL.value and bool(kron)
 
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            ctx = (
-                self.capture.record(inputs=True, outputs=False, output_grads=True)
-                if reuse
-                else contextlib.nullcontext({})
-            )
-            with ctx as recs:
-                result = closure.forward()
-                self._check_loss(result.loss)
-                result.loss.backward()
-        self.stats.forward_passes += 1
-        self.stats.backward_passes += 1
-        self._check_grads()
+        record = self.capture.record(inputs=True, outputs=False, output_grads=True) if reuse else None
+        result, recs = self._forward_backward(closure, record)
 
         n1 = closure.batch_size
         idx = self._curvature_indices(n1)

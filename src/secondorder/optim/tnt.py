@@ -220,31 +220,22 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
         sampled = stats_due and self.sampled_fisher
         rng = self.generator.get_state()
 
-        self.zero_grad(set_to_none=True)
         try:
-            with torch.enable_grad():
-                result = closure.forward()
-                self._check_loss(result.loss)
-                result.loss.backward(retain_graph=sampled)
-                self.stats.forward_passes += 1
-                self.stats.backward_passes += 1
-                self._check_grads()
-                batch_stats: dict[str, list[Tensor]] = {}
-                if stats_due:
-                    with self._curvature_timer():
-                        if (
-                            sampled
-                        ):  # line 7: another backward with y sampled from the predictive distribution
-                            grads = self._statistic_grads(closure, result.outputs, result.loss, retain=False)
-                            self.stats.backward_passes += 1
-                        else:  # tnt-ef / shampoo: the minibatch gradient itself
-                            scale = closure.batch_factor / closure.batch_size
-                            grads = {
-                                n: p.grad if scale == 1.0 else p.grad * scale
-                                for n, p in by_name.items()
-                                if p.grad is not None
-                            }
-                        batch_stats = self._contractions(grads)
+            result, _ = self._forward_backward(closure, retain_graph=sampled)
+            batch_stats: dict[str, list[Tensor]] = {}
+            if stats_due:
+                with self._curvature_timer(), torch.enable_grad():
+                    if sampled:  # line 7: another backward with y sampled from the predictive distribution
+                        grads = self._statistic_grads(closure, result.outputs, result.loss, retain=False)
+                        self.stats.backward_passes += 1
+                    else:  # tnt-ef / shampoo: the minibatch gradient itself
+                        scale = closure.batch_factor / closure.batch_size
+                        grads = {
+                            n: p.grad if scale == 1.0 else p.grad * scale
+                            for n, p in by_name.items()
+                            if p.grad is not None
+                        }
+                    batch_stats = self._contractions(grads)
         except FloatingPointError:
             self.generator.set_state(rng)  # lose nothing: the sampled targets are drawn again
             raise
