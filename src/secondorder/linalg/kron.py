@@ -37,7 +37,8 @@ def damped_inverse(m: Tensor, damping: float) -> Tensor:
     indefinite) the symmetrised eigen-decomposition with eigenvalues clamped at 0 is used.
 
     Raises:
-        LinAlgError: when ``M`` has non-finite entries or the inverse is not finite.
+        LinAlgError: when ``M`` has non-finite entries, the eigendecomposition fails, or the
+            inverse is not finite.
     """
     if not bool(torch.isfinite(m).all()):
         raise LinAlgError("factor has non-finite entries")
@@ -48,7 +49,10 @@ def damped_inverse(m: Tensor, damping: float) -> Tensor:
         inv = torch.cholesky_inverse(chol)
     else:
         sym = 0.5 * (m + m.t())
-        evals, evecs = torch.linalg.eigh(sym)
+        try:
+            evals, evecs = torch.linalg.eigh(sym)
+        except torch.linalg.LinAlgError as err:  # eigh did not converge (extremely ill-conditioned M)
+            raise LinAlgError(f"eigendecomposition of a {d}x{d} factor failed: {err}") from err
         inv = (evecs / (evals.clamp_min(0) + damping)) @ evecs.t()
     if not bool(torch.isfinite(inv).all()):
         raise LinAlgError(f"inverse of a {d}x{d} factor with damping {damping:g} is not finite")
