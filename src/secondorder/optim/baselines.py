@@ -59,9 +59,7 @@ class SGD(SecondOrderOptimizer):
         momentum_style: str = MomentumStyle.ACCUMULATE.value,
     ):
         defaults = dict(
-            lr=H.positive("lr", lr, allow_zero=True),
-            momentum=H.fraction("momentum", momentum),
-            weight_decay=H.positive("weight_decay", weight_decay, allow_zero=True),
+            **H.shared(lr=lr, momentum=momentum, weight_decay=weight_decay),
             momentum_style=H.choice("momentum_style", momentum_style, MomentumStyle),
         )
         super().__init__(model, defaults)
@@ -105,11 +103,13 @@ class Adam(SecondOrderOptimizer):
         adam_variant: str = AdamVariant.STANDARD.value,
     ):
         defaults = dict(
-            lr=H.positive("lr", lr, allow_zero=True),
-            damping=H.positive("damping", damping),
-            momentum=H.fraction("momentum", momentum),
-            stat_decay=H.fraction("stat_decay", stat_decay),
-            weight_decay=H.positive("weight_decay", weight_decay, allow_zero=True),
+            **H.shared(
+                lr=lr,
+                damping=damping,
+                momentum=momentum,
+                stat_decay=stat_decay,
+                weight_decay=weight_decay,
+            ),
             adam_variant=H.choice("adam_variant", adam_variant, AdamVariant),
         )
         super().__init__(model, defaults)
@@ -165,11 +165,13 @@ class RMSprop(SecondOrderOptimizer):
         rmsprop_variant: str = AdamVariant.STANDARD.value,
     ):
         defaults = dict(
-            lr=H.positive("lr", lr, allow_zero=True),
-            damping=H.positive("damping", damping),
-            momentum=H.fraction("momentum", momentum),
-            stat_decay=H.fraction("stat_decay", stat_decay),
-            weight_decay=H.positive("weight_decay", weight_decay, allow_zero=True),
+            **H.shared(
+                lr=lr,
+                damping=damping,
+                momentum=momentum,
+                stat_decay=stat_decay,
+                weight_decay=weight_decay,
+            ),
             rmsprop_variant=H.choice("rmsprop_variant", rmsprop_variant, AdamVariant),
         )
         super().__init__(model, defaults)

@@ -109,11 +109,13 @@ class BlockFisher(SecondOrderOptimizer):
         seed: int | None = None,
     ):
         defaults = dict(
-            lr=H.positive("lr", lr, allow_zero=True),
-            damping=H.positive("damping", damping),
-            momentum=H.fraction("momentum", momentum),
-            stat_decay=H.fraction("stat_decay", stat_decay),
-            weight_decay=H.positive("weight_decay", weight_decay, allow_zero=True),
+            **H.shared(
+                lr=lr,
+                damping=damping,
+                momentum=momentum,
+                stat_decay=stat_decay,
+                weight_decay=weight_decay,
+            ),
         )
         self.max_block_dim = H.count("max_block_dim", max_block_dim)
         super().__init__(model, defaults, seed=seed)

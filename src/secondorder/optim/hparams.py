@@ -51,6 +51,27 @@ def choice(name: str, value: Any, options: Iterable[str] | type[enum.Enum]) -> s
     return value
 
 
+#: the hyper-parameters every method names alike (DESIGN.md), with their one validation rule
+_SHARED: dict[str, Any] = {
+    "lr": lambda v: positive("lr", v, allow_zero=True),
+    "damping": lambda v: positive("damping", v),
+    "momentum": lambda v: fraction("momentum", v),
+    "stat_decay": lambda v: fraction("stat_decay", v),
+    "weight_decay": lambda v: positive("weight_decay", v, allow_zero=True),
+    "update_freq": lambda v: count("update_freq", v),
+    "inverse_freq": lambda v: count("inverse_freq", v),
+}
+
+
+def shared(**values: Any) -> dict[str, Any]:
+    """Validate the shared hyper-parameters given (``lr``, ``damping``, ``momentum``, ``stat_decay``,
+    ``weight_decay``, ``update_freq``, ``inverse_freq``), each by its one rule; returns them."""
+    unknown = set(values) - set(_SHARED)
+    if unknown:
+        raise TypeError(f"not shared hyper-parameters: {sorted(unknown)}")
+    return {name: _SHARED[name](value) for name, value in values.items()}
+
+
 def reject_unknown(method: str, unknown: dict[str, Any], known: Iterable[str]) -> None:
     """Raise for keyword arguments a method does not take, listing the ones it does."""
     if unknown:

@@ -281,12 +281,14 @@ class _KBFGSBase(SecondOrderOptimizer):
         if not isinstance(double_grad, bool):
             raise ValueError(f"double_grad must be a bool, got {double_grad!r}")
         defaults = dict(
-            lr=H.positive("lr", lr, allow_zero=True),
-            damping=H.positive("damping", damping),
-            momentum=H.fraction("momentum", momentum),
-            stat_decay=H.fraction("stat_decay", stat_decay),
-            weight_decay=H.positive("weight_decay", weight_decay, allow_zero=True),
-            update_freq=H.count("update_freq", update_freq),
+            **H.shared(
+                lr=lr,
+                damping=damping,
+                momentum=momentum,
+                stat_decay=stat_decay,
+                weight_decay=weight_decay,
+                update_freq=update_freq,
+            ),
             mu1=mu1,
             pair_damping=H.choice("pair_damping", pair_damping, PairDamping),
             a_statistic=H.choice("a_statistic", a_statistic, AStatistic),

@@ -95,13 +95,15 @@ class KFAC(SecondOrderOptimizer):
         seed: int | None = None,
     ):
         defaults = dict(
-            lr=H.positive("lr", lr, allow_zero=True),
-            damping=H.positive("damping", damping),
-            momentum=H.fraction("momentum", momentum),
-            stat_decay=H.fraction("stat_decay", stat_decay),
-            weight_decay=H.positive("weight_decay", weight_decay, allow_zero=True),
-            update_freq=H.count("update_freq", update_freq),
-            inverse_freq=H.count("inverse_freq", inverse_freq),
+            **H.shared(
+                lr=lr,
+                damping=damping,
+                momentum=momentum,
+                stat_decay=stat_decay,
+                weight_decay=weight_decay,
+                update_freq=update_freq,
+                inverse_freq=inverse_freq,
+            ),
             pi=H.choice("pi", pi, PiSplit),
             momentum_style=H.choice("momentum_style", momentum_style, MomentumStyle),
         )

@@ -86,13 +86,15 @@ class Shampoo(TensorFactoredOptimizer):
         max_factor_dim: int = MAX_FACTOR_DIM,
     ):
         defaults = dict(
-            lr=H.positive("lr", lr, allow_zero=True),
-            damping=H.positive("damping", damping),
-            momentum=H.fraction("momentum", momentum),
-            stat_decay=H.fraction("stat_decay", stat_decay),
-            weight_decay=H.positive("weight_decay", weight_decay, allow_zero=True),
-            update_freq=H.count("update_freq", update_freq),
-            inverse_freq=H.count("inverse_freq", inverse_freq),
+            **H.shared(
+                lr=lr,
+                damping=damping,
+                momentum=momentum,
+                stat_decay=stat_decay,
+                weight_decay=weight_decay,
+                update_freq=update_freq,
+                inverse_freq=inverse_freq,
+            ),
             inverse_timing=H.choice("inverse_timing", inverse_timing, InverseTiming),
             root_method=H.choice("root_method", root_method, RootMethod),
         )
