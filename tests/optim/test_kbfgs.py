@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import secondorder as so
+from secondorder.capture import statistics as S
 from secondorder.linalg import lbfgs as LB
 from secondorder.optim import kbfgs as K
 from tests.helpers import tiny_conv_bn
@@ -311,10 +312,10 @@ def test_conv_hessian_action_equals_dense_im2col(conv):
     flat = explicit.reshape(-1, explicit.shape[-1])
     a_dense = flat.t() @ flat / 4  # E_n[sum_t abar abar^T]
     v = torch.randn(a_dense.shape[0], dtype=F64)
-    torch.testing.assert_close(K.input_action(module, x, v), a_dense @ v, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(K.input_gram(module, x), a_dense, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(K.input_gram(module, x, chunk_elements=1), a_dense, rtol=1e-12, atol=1e-12)
-    mean = K.input_mean(module, x, tuple(h.shape[2:]))
+    torch.testing.assert_close(S.input_action(module, x, v), a_dense @ v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S.input_gram(module, x), a_dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S.input_gram(module, x, chunk_elements=1), a_dense, rtol=1e-12, atol=1e-12)
+    mean = S.input_mean(module, x, tuple(h.shape[2:]))
     torch.testing.assert_close(mean, flat.mean(0), rtol=1e-12, atol=1e-12)
     # Theorem 3(i): the per-example DW is sum_t Dh_t abar_t^T (so the [W | b] layout matches)
     gh = torch.randn_like(h)
@@ -331,9 +332,9 @@ def test_linear_hessian_action_with_locations():
     rows = homog(a.reshape(-1, 3))
     a_dense = rows.t() @ rows / 4
     v = torch.randn(4, dtype=F64)
-    torch.testing.assert_close(K.input_action(module, a, v), a_dense @ v)
-    torch.testing.assert_close(K.input_gram(module, a), a_dense)
-    torch.testing.assert_close(K.input_mean(module, a, ()), rows.mean(0))
+    torch.testing.assert_close(S.input_action(module, a, v), a_dense @ v)
+    torch.testing.assert_close(S.input_gram(module, a), a_dense)
+    torch.testing.assert_close(S.input_mean(module, a, ()), rows.mean(0))
     assert K.damping_split(0.3, 1) == pytest.approx((math.sqrt(0.3), math.sqrt(0.3)))
     lam_a, lam_g = K.damping_split(2.0, 9)
     assert lam_a == pytest.approx(3 * math.sqrt(2.0)) and lam_a * lam_g == pytest.approx(2.0)

@@ -1,6 +1,6 @@
 """Capture layer: the closure, likelihoods, losses and layer hooks. Nothing method-specific."""
 
-from . import losses
+from . import losses, statistics
 from .closure import Closure, ForwardResult, preserved_norm_buffers
 from .hooks import (
     Capture,
@@ -37,6 +37,7 @@ __all__ = [
     "patches",
     "preserved_norm_buffers",
     "split_matrix",
+    "statistics",
     "supported_modules",
     "unwrap",
 ]

@@ -19,6 +19,8 @@ The helpers below turn these into the matrices of the Kronecker methods:
 * :func:`output_rows` -- the matching rows of ``h`` or ``dL/dh`` (channels last).
 * :func:`num_locations` -- ``|T|``, the number of output locations (1 for FC layers).
 
+Means and second moments of these live in :mod:`secondorder.capture.statistics`.
+
 Nothing here is specific to one method.
 """
 
@@ -128,12 +130,6 @@ def output_rows(module: Modeled, h: Tensor) -> Tensor:
 def num_locations(module: Modeled, h: Tensor) -> int:
     """``|T|``: output locations per example (``H_out W_out`` for conv, 1 for a plain FC layer)."""
     return h.numel() // (h.shape[0] * output_dim(module))
-
-
-def spatial_mean(module: Modeled, h: Tensor) -> Tensor:
-    """Mean over examples and locations of a pre-activation-shaped tensor, ``(d_o,)``."""
-    rows = output_rows(module, h)
-    return rows.sum(0).div_(rows.shape[0])
 
 
 def grad_matrix(module: Modeled, weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:

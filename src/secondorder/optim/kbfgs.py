@@ -92,16 +92,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from .. import distributed as D
 from ..capture import Capture, Closure, preserved_norm_buffers, supported_modules
 from ..capture import hooks as C
+from ..capture import statistics as S
 from ..linalg import bfgs as B
 from ..linalg import damped_inverse
 from ..linalg import lbfgs as LB
 from . import hparams as H
-from .base import MomentumStyle, NonFiniteError, SecondOrderOptimizer
+from .base import MomentumStyle, NonFiniteError, SecondOrderOptimizer, all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -171,79 +171,6 @@ class _Pass1:
     h_mean: Tensor  # hbar, (d_o,)
     g_mean: Tensor  # Dhbar = mean of g_n, (d_o,)
     a_mean: Tensor  # abar, (D,)
-
-
-# --------------------------------------------------------------------------- layer math
-def _conv_kwargs(module: nn.Conv2d) -> dict[str, Any]:
-    return dict(stride=module.stride, padding=C.conv_padding(module), dilation=module.dilation)
-
-
-def location_mean(module: C.Modeled, h: Tensor) -> Tensor:
-    """The mean over examples and locations of ``h`` (or ``dL/dh``): ``(d_o,)``, as in (3.12)-(3.13).
-
-    (A sum divided by the count: on CPU ``Tensor.mean(0)`` is much slower than ``sum(0)``.)
-    """
-    if isinstance(module, nn.Conv2d):
-        return h.sum((0, 2, 3)).div_(h.numel() // h.shape[1])
-    rows = h.reshape(-1, h.shape[-1])
-    return rows.sum(0).div_(rows.shape[0])
-
-
-def _finite(*tensors: Tensor) -> bool:
-    """Whether every entry is finite, checked on sums (a non-finite entry, or an overflowing sum,
-    makes its sum non-finite; much cheaper than ``isfinite(t).all()`` on large tensors)."""
-    return bool(torch.isfinite(torch.stack([t.sum() for t in tensors])).all())
-
-
-def input_mean(module: C.Modeled, a: Tensor, out_hw: tuple[int, ...]) -> Tensor:
-    """``abar``: the mean over examples and locations of the ``abar_t`` rows (with the 1)."""
-    if isinstance(module, nn.Conv2d):
-        ones = a.new_ones(a.shape[0], 1, *out_hw)
-        shape = (1, *module.weight.shape[1:])
-        total = torch.nn.grad.conv2d_weight(a, shape, ones, **_conv_kwargs(module)).reshape(-1)
-        mean = total.div_(ones.numel())
-    else:
-        rows = a.reshape(-1, a.shape[-1])
-        mean = rows.sum(0).div_(rows.shape[0])
-    if C.has_bias(module):
-        mean = torch.cat([mean, mean.new_ones(1)])
-    return mean
-
-
-def input_action(module: C.Modeled, a: Tensor, v: Tensor) -> Tensor:
-    """(3.15): ``A~ v = (1/m) sum_{n,t} abar_{n,t} (abar_{n,t}^T v)`` without forming ``A~`` or im2col.
-
-    For conv layers ``abar_t^T v`` is a one-filter convolution and the sum over ``(n, t)`` is that
-    filter's weight gradient.
-    """
-    m = a.shape[0]
-    bias = C.has_bias(module)
-    if isinstance(module, nn.Conv2d):
-        shape = (1, *module.weight.shape[1:])
-        d0 = module.weight[0].numel()
-        vw = v[:d0].reshape(shape)
-        u = F.conv2d(a, vw, v[d0:] if bias else None, **_conv_kwargs(module))
-        out = torch.nn.grad.conv2d_weight(a, shape, u, **_conv_kwargs(module)).reshape(-1)
-        if bias:
-            out = torch.cat([out, u.sum().reshape(1)])
-        return out.div_(m)
-    return B.gram_action(a.reshape(-1, a.shape[-1]), v, 1.0 / m, bias)
-
-
-def input_gram(module: C.Modeled, a: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
-    """``A_batch = (1/m) sum_{n,t} abar_{n,t} abar_{n,t}^T``, dense (conv: im2col in chunks of examples)."""
-    m = a.shape[0]
-    if not isinstance(module, nn.Conv2d):
-        rows = C.input_rows(module, a)
-        return torch.mm(rows.t(), rows).div_(m)
-    dim = C.input_dim(module)
-    out = a.new_zeros(dim, dim)
-    per_example = C.patches(module, a[:1]).numel()
-    step = max(1, chunk_elements // max(1, per_example))
-    for i in range(0, m, step):
-        rows = C.input_rows(module, a[i : i + step])
-        out.addmm_(rows.t(), rows)
-    return out.div_(m)
 
 
 # ------------------------------------------------------------------------------ optimizer
@@ -369,7 +296,7 @@ class _KBFGSBase(SecondOrderOptimizer):
                 self.stats.warm_start_forward_passes += 1
                 for name, module in self.layers.items():
                     rec = recs[name]
-                    a = input_gram(module, rec.inputs)  # type: ignore[arg-type]
+                    a = S.input_gram(module, rec.inputs)  # type: ignore[arg-type]
                     locations[name] = C.num_locations(module, rec.outputs)  # type: ignore[arg-type]
                     if name in sums:
                         sums[name].add_(a)
@@ -404,7 +331,7 @@ class _KBFGSBase(SecondOrderOptimizer):
                 first = self._pass1_statistics(closure, recs)
                 for name in fresh:  # no warm start: A of the first batch
                     p1 = first[name]
-                    a_batch = input_gram(self.layers[name], p1.inputs)
+                    a_batch = S.input_gram(self.layers[name], p1.inputs)
                     D.all_reduce_mean([a_batch])
                     self._init_layer(name, self.layers[name], a_batch, p1.locations)
         del recs
@@ -447,9 +374,9 @@ class _KBFGSBase(SecondOrderOptimizer):
                 inputs=rec.inputs,
                 out_hw=out_hw,
                 locations=C.num_locations(module, h),
-                h_mean=location_mean(module, h),
-                g_mean=location_mean(module, rec.output_grads).mul_(factor),
-                a_mean=input_mean(module, rec.inputs, out_hw),
+                h_mean=S.spatial_mean(module, h),
+                g_mean=S.spatial_mean(module, rec.output_grads).mul_(factor),
+                a_mean=S.input_mean(module, rec.inputs, out_hw),
             )
         vecs = [v for p1 in out.values() for v in (p1.h_mean, p1.g_mean, p1.a_mean)]
         D.all_reduce_mean(vecs)
@@ -478,7 +405,7 @@ class _KBFGSBase(SecondOrderOptimizer):
         for (name, module), h, dh in zip(self.layers.items(), hs, grads, strict=False):
             if dh is None:
                 raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
-            out[name] = (location_mean(module, h.detach()), location_mean(module, dh).mul_(factor))
+            out[name] = (S.spatial_mean(module, h.detach()), S.spatial_mean(module, dh).mul_(factor))
         vecs = [v for pair in out.values() for v in pair]
         D.all_reduce_mean(vecs)
         self._check_tensors("second-pass statistics", vecs)
@@ -578,10 +505,10 @@ class _KBFGSBase(SecondOrderOptimizer):
         for name, module in self.layers.items():
             p1 = first[name]
             if dense:
-                out[name] = (None, input_gram(module, p1.inputs))
+                out[name] = (None, S.input_gram(module, p1.inputs))
             else:
                 s_a = torch.mv(self.module_state[name]["h_a"], p1.a_mean)  # s_A = H_A abar
-                out[name] = (s_a, input_action(module, p1.inputs, s_a))  # A~ s_A by (3.15)
+                out[name] = (s_a, S.input_action(module, p1.inputs, s_a))  # A~ s_A by (3.15)
         D.all_reduce_mean([prod for _, prod in out.values()])
         return out
 
@@ -649,9 +576,9 @@ class _KBFGSBase(SecondOrderOptimizer):
         if not self.limited_memory:
             self._bfgs_dense(name, "h_g", s_t, y_t, hy_t, reason, skip)
             return
-        if reason is None and _finite(s_t, y_t, hy_t):
+        if reason is None and all_finite([s_t, y_t, hy_t]):
             mem = LB.lbfgs_append(LB.CompactLBFGS.from_state(st), s_t, y_t, g["history_size"])
-            if _finite(mem.left, mem.right):
+            if all_finite([mem.left, mem.right]):
                 st.update(mem.as_state())
                 self._count(name, "h_g_updates")
                 return
@@ -677,10 +604,10 @@ class _KBFGSBase(SecondOrderOptimizer):
         h = st[key]
         if hy is None:
             hy = torch.mv(h, y)
-        ok = reason is None and _finite(s, y, hy)
+        ok = reason is None and all_finite([s, y, hy])
         if ok and skip_rule == SkipRule.CODE.value:  # the code keeps the old H if H+ has an inf
             new = B.bfgs_update(h, s, y, hy)
-            ok = _finite(new)
+            ok = all_finite([new])
             if ok:
                 st[key] = new
         elif ok:
