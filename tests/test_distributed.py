@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import secondorder as so
+from secondorder import distributed as D
 from tests.helpers import TEST_HP, classification_data, tiny_mlp
 
 WORLD = 2
@@ -34,15 +35,30 @@ DETERMINISTIC = [
         "kbfgsl20",
         "tnt-ef",
         "shampoo",
+        "smw-ng",
+        "smw-ng-bd",
+        "smw-gn",
+        "hf",
     )
     if n in so.implemented()
 ]
 
+#: chapter-5 methods: the curvature subsample S2 is the whole batch, so the union of the ranks'
+#: S2 is the one process's S2
+LM_METHODS = {"smw-ng", "smw-ng-bd", "smw-gn", "hf"}
+
+
+def _hparams(name):
+    hp = dict(TEST_HP[name])
+    if "kfac" in name:
+        hp["inverse_freq"] = 1
+    if name in LM_METHODS:
+        hp["curvature_batch"] = 1.0
+    return hp
+
 
 def _train(name, model, batches, warm):
-    opt = so.make_optimizer(
-        name, model, **{**TEST_HP[name], "inverse_freq": 1} if "kfac" in name else TEST_HP[name]
-    )
+    opt = so.make_optimizer(name, model, **_hparams(name))
     loss_fn = nn.CrossEntropyLoss()
     opt.warm_start([so.Closure(model, x, y, loss_fn) for x, y in warm])
     for x, y in batches:
@@ -50,7 +66,20 @@ def _train(name, model, batches, warm):
     return opt
 
 
-def _worker(rank, name, init_file, out_file):
+def _run(job, tmp_path, *args):
+    """Run ``job(rank, out_file, *args)`` on WORLD gloo ranks; returns what rank 0 saved."""
+    out_file = tmp_path / "rank0.pt"
+    mp.start_processes(
+        _worker,
+        args=(job, str(tmp_path / "init"), str(out_file), args),
+        nprocs=WORLD,
+        start_method="spawn",
+        join=True,
+    )
+    return torch.load(out_file, weights_only=False)
+
+
+def _worker(rank, job, init_file, out_file, args):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -60,6 +89,20 @@ def _worker(rank, name, init_file, out_file):
         world_size=WORLD,
         timeout=timedelta(seconds=120),
     )
+    job(rank, out_file, *args)
+    # Orderly shutdown: every rank is done with communication, the job's objects (DDP's reducer
+    # holds gloo work objects) are freed before the process group, and the process leaves
+    # without interpreter finalisation, where gloo's worker threads can abort it ("terminate
+    # called without an active exception", seen about once in 60 runs on 2 CPU cores before this).
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _train_job(rank, out_file, name):
     x, y = classification_data(n=STEPS * BATCH)
     model = tiny_mlp()
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -74,30 +117,11 @@ def _worker(rank, name, init_file, out_file):
     opt = _train(name, ddp, mine, mine[:2])
     if rank == 0:
         torch.save({"params": model.state_dict(), "opt": opt.state_dict()}, out_file)
-    # Orderly shutdown: every rank is done with communication, DDP (whose reducer holds gloo work
-    # objects) is freed before its process group, and the process leaves without interpreter
-    # finalisation, where gloo's worker threads can abort it ("terminate called without an active
-    # exception", seen about once in 60 runs on 2 CPU cores before this).
-    dist.barrier()
-    del opt, ddp
-    gc.collect()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_ddp_on_two_ranks_equals_one_process(name, tmp_path):
-    out_file = tmp_path / "rank0.pt"
-    mp.start_processes(
-        _worker,
-        args=(name, str(tmp_path / "init"), str(out_file)),
-        nprocs=WORLD,
-        start_method="spawn",
-        join=True,
-    )
-    result = torch.load(out_file, weights_only=False)
+    result = _run(_train_job, tmp_path, name)
 
     x, y = classification_data(n=STEPS * BATCH)
     model = tiny_mlp()
@@ -106,9 +130,36 @@ def test_ddp_on_two_ranks_equals_one_process(name, tmp_path):
     opt = _train(name, model, full, full[:2])
     for k, v in model.state_dict().items():
         torch.testing.assert_close(result["params"][k], v, rtol=1e-10, atol=1e-12, msg=k)
-    for layer, st in opt.state_dict()["module_state"].items():
+    state = opt.state_dict()
+    for layer, st in state["module_state"].items():
         for key, value in st.items():
             if isinstance(value, torch.Tensor):
                 torch.testing.assert_close(
                     result["opt"]["module_state"][layer][key], value, rtol=1e-9, atol=1e-12
                 )
+    if name in LM_METHODS:  # the LM rule saw the same rho on every step
+        assert result["opt"]["extra"]["lm_damping"] == pytest.approx(opt.lm_damping, rel=1e-10)
+
+
+def _gather_job(rank, out_file):
+    rows = 2 + rank  # uneven: rank 0 holds 2 rows, rank 1 holds 3
+    a = torch.full((rows, 3), float(rank), dtype=torch.float64) + torch.arange(rows).view(-1, 1)
+    b = torch.full((1 + rank, 2, 2), 10.0 + rank)
+    gathered = D.all_gather_examples([a, b])
+    if rank == 0:
+        torch.save(gathered, out_file)
+
+
+def test_all_gather_examples_concatenates_uneven_ranks_in_rank_order(tmp_path):
+    a, b = _run(_gather_job, tmp_path)
+    f64 = torch.float64
+    parts = [torch.full((2 + r, 3), float(r), dtype=f64) + torch.arange(2 + r).view(-1, 1) for r in (0, 1)]
+    expected_a = torch.cat(parts)
+    torch.testing.assert_close(a, expected_a)
+    torch.testing.assert_close(b, torch.cat([torch.full((1, 2, 2), 10.0), torch.full((2, 2, 2), 11.0)]))
+
+
+def test_all_gather_examples_without_a_process_group_is_the_identity():
+    t = torch.randn(3, 2)
+    (out,) = D.all_gather_examples([t])
+    assert out is t

@@ -43,6 +43,34 @@ def all_reduce_mean(tensors: Sequence[Tensor]) -> None:
         offset += n
 
 
+def all_gather_examples(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Every rank's tensors concatenated along dim 0 (the examples), in rank order.
+
+    Ranks may hold different numbers of rows (the trailing dimensions must agree): the row
+    counts are exchanged first and the tensors padded to the largest count for the gather.
+    Without a process group the tensors are returned as they are.
+    """
+    if not is_distributed() or not tensors:
+        return list(tensors)
+    world = dist.get_world_size()
+    ref = tensors[0]
+    counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64, device=ref.device)
+    all_counts = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(all_counts, counts)
+    table = torch.stack(all_counts).tolist()  # [rank][tensor]
+    out = []
+    for i, t in enumerate(tensors):
+        rows = [table[r][i] for r in range(world)]
+        longest = max(rows)
+        padded = t
+        if t.shape[0] < longest:
+            padded = torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])])
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+        out.append(torch.cat([part[:n] for part, n in zip(parts, rows, strict=True)]))
+    return out
+
+
 def assign_owners(costs: Mapping[str, float]) -> dict[str, int]:
     """Greedy longest-processing-time assignment of named work items to ranks."""
     n = world_size()

@@ -61,9 +61,15 @@ run, one backward per backpropagated vector or cotangent (``K`` for the Kronecke
 
 Cost per step (5.7): ``O(N2 n + N2^2 sum_l m_l + N2^3)`` for SMW-NG,
 ``O(m_L N2 n + m_L^2 N2^2 sum_l m_l + m_L^3 N2^3)`` for SMW-GN -- keep ``N2 m_L`` small
-(a classifier, not an autoencoder with 784 outputs). Under ``torch.distributed`` each rank
-solves with its own ``S2`` and the directions are averaged across ranks (this is not the
-same as one process with the union of the ``S2``'s).
+(a classifier, not an autoencoder with 784 outputs).
+
+**Under** ``torch.distributed`` each rank builds the blocks of ``J`` (and ``H``) for its own
+``S2`` and the blocks are gathered across ranks (``N2`` rows per rank; the factored
+``(g, abar)`` of the Kronecker layers, not ``J`` itself), so every rank solves the system of
+the union of the ranks' ``S2`` with ``s = 1 / sum N2``: with the whole batch as ``S2``
+(``curvature_batch=1.0``) and the empirical Fisher or GN, N ranks with batch ``m/N`` take
+the steps of one process with batch ``m``. The ``(sum N2)^2`` Gram matrix and its solve are
+replicated on every rank.
 """
 
 from __future__ import annotations
@@ -224,6 +230,9 @@ class _SMW(LMOptimizer):
             hess = self._s2_blocks(closure, idx, {} if reuse else kron, blocks)
             curvature = [t for b in blocks.values() for t in b.tensors()]
             self._check_tensors("curvature", curvature + ([hess] if hess is not None else []))
+            if D.is_distributed():  # J and H of the union of the ranks' S2, s = 1/(sum N2)
+                blocks, hess = _gather(blocks, hess)
+                scale /= D.world_size()
             try:
                 direction = self._solve(blocks, hess, self._grads(), damping, scale, closure.likelihood)
             except LinAlgError as err:
@@ -231,6 +240,7 @@ class _SMW(LMOptimizer):
                     f"{self.method}: SMW solve failed at step {self.step_count} ({err}); "
                     "parameters and optimizer state are unchanged"
                 ) from err
+            # every rank solved the same system; averaging keeps the replicas bit-identical
             D.all_reduce_mean(list(direction.values()))
         return result.loss.detach(), direction, None
 
@@ -330,6 +340,25 @@ class _SMW(LMOptimizer):
             if bool((diag > 0).all()):
                 return smw_weights(gram, jg, damping, scale, torch.diag_embed(1.0 / diag))
         return smw_weights_singular(gram, jg, damping, scale, hess)
+
+
+def _gather(
+    blocks: dict[str, _KronBlock | _DenseBlock], hess: Tensor | None
+) -> tuple[dict[str, _KronBlock | _DenseBlock], Tensor | None]:
+    """The blocks of ``J`` (and ``H``) of every rank's ``S2`` stacked in rank order (one gather).
+
+    Every per-example tensor has the examples first (dense rows are example-major), so the
+    result is what one process holding all the ranks' ``S2`` examples would build.
+    """
+    local = [t for b in blocks.values() for t in b.tensors()] + ([hess] if hess is not None else [])
+    full = iter(D.all_gather_examples(local))
+    out: dict[str, _KronBlock | _DenseBlock] = {}
+    for name, b in blocks.items():
+        if isinstance(b, _KronBlock):
+            out[name] = _KronBlock(b.module, b.names, next(full), next(full))
+        else:
+            out[name] = _DenseBlock(b.names, b.shapes, next(full))
+    return out, (next(full) if hess is not None else None)
 
 
 def _factors(module: nn.Linear, inputs: Tensor, outputs: Tensor, n: int) -> tuple[Tensor, Tensor]:
