@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from secondorder.linalg import LinAlgError, damped_inverse
+from secondorder.linalg import LinAlgError, damped_inverse, ema_gram_, gram, gram_
+from secondorder.linalg import kron as K
 
 
 def test_damped_inverse_matches_the_dense_inverse() -> None:
@@ -34,3 +35,39 @@ def test_failing_eigendecomposition_becomes_our_error(monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch.linalg, "eigh", no_convergence)
     with pytest.raises(LinAlgError, match="eigendecomposition"):
         damped_inverse(m, 0.1)
+
+
+@pytest.mark.parametrize("d", [5, K.SYMMETRIC_BLOCKS_MIN + 7, 2 * K.SYMMETRIC_BLOCKS_MIN + 13])
+def test_blocked_gram_equals_the_dense_product(d: int) -> None:
+    """One, two and four triangular blocks (d below, between and above the thresholds)."""
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(37, d, generator=g, dtype=torch.float64)
+    dense = x.t() @ x
+    torch.testing.assert_close(gram(x), dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gram(x, 0.25), 0.25 * dense, rtol=1e-12, atol=1e-12)
+    old = gram(torch.randn(9, d, generator=g, dtype=torch.float64))
+    expected = 0.9 * old + 0.1 * 3.0 * dense
+    torch.testing.assert_close(ema_gram_(old.clone(), x, 0.9, 3.0), expected, rtol=1e-12, atol=1e-12)
+    acc = gram(x[:20])
+    torch.testing.assert_close(gram_(acc, x[20:], 1.0), dense, rtol=1e-12, atol=1e-12)
+    # a transposed (non-contiguous) X, as for the contraction of a matrix's first mode
+    cols = dense[:, :11]
+    torch.testing.assert_close(gram(cols.t()), cols @ cols.t(), rtol=1e-12, atol=1e-9)
+
+
+def test_blocked_gram_ignores_the_old_contents_when_beta_is_zero() -> None:
+    x = torch.randn(10, 2 * K.SYMMETRIC_BLOCKS_MIN + 1, dtype=torch.float64)
+    out = torch.full((x.shape[1], x.shape[1]), float("nan"), dtype=torch.float64)
+    torch.testing.assert_close(gram_(out, x), x.t() @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_blocked_gram_rejects_a_wrong_output_shape() -> None:
+    with pytest.raises(ValueError, match="out: expected shape"):
+        gram_(torch.zeros(3, 3), torch.zeros(4, 2))
+
+
+def test_blocked_gram_keeps_one_gemm_off_the_cpu() -> None:
+    assert K._symmetric_blocks(1000, torch.device("cpu")) == 4
+    assert K._symmetric_blocks(300, torch.device("cpu")) == 2
+    assert K._symmetric_blocks(100, torch.device("cpu")) == 1
+    assert K._symmetric_blocks(1000, torch.device("meta")) == 1

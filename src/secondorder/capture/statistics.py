@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..linalg import bfgs as B
+from ..linalg.kron import gram, gram_
 from . import hooks as C
 
 
@@ -90,13 +91,11 @@ def input_gram(module: C.Modeled, a: Tensor, chunk_elements: int = 1 << 24) -> T
     """
     m = a.shape[0]
     if not isinstance(module, nn.Conv2d):
-        rows = C.input_rows(module, a)
-        return torch.mm(rows.t(), rows).div_(m)
+        return gram(C.input_rows(module, a), 1.0 / m)
     dim = C.input_dim(module)
     out = a.new_zeros(dim, dim)
     per_example = C.patches(module, a[:1]).numel()
     step = max(1, chunk_elements // max(1, per_example))
     for i in range(0, m, step):
-        rows = C.input_rows(module, a[i : i + step])
-        out.addmm_(rows.t(), rows)
+        gram_(out, C.input_rows(module, a[i : i + step]), 1.0)
     return out.div_(m)

@@ -2,7 +2,7 @@
 
 from . import bfgs, lbfgs
 from .cg import CGResult, conjugate_gradient
-from .kron import LinAlgError, damped_inverse, ema_gram_, gram, kron_apply, pi_split
+from .kron import LinAlgError, damped_inverse, ema_gram_, gram, gram_, kron_apply, pi_split
 from .roots import coupled_newton_inverse_root, eigh_inverse_root, inverse_root
 from .smw import block_diagonal, kron_gram, kron_jvp, kron_vjp, smw_apply, smw_weights, smw_weights_singular
 from .tensor import contractions, multi_mode_product, tensor_normal_factors
@@ -23,6 +23,7 @@ __all__ = [
     "damped_inverse",
     "ema_gram_",
     "gram",
+    "gram_",
     "kron_apply",
     "kron_gram",
     "kron_jvp",

@@ -1,6 +1,7 @@
 """Kronecker-factor algebra shared by KFAC-type methods (pure tensor functions).
 
-* :func:`ema_gram_` -- ``M <- beta M + (1 - beta) * scale * X^T X`` in one GEMM.
+* :func:`gram_`, :func:`gram`, :func:`ema_gram_` -- ``X^T X`` (and its moving average) with
+  only the lower triangular blocks computed on the CPU.
 * :func:`damped_inverse` -- ``(M + damping I)^-1`` by Cholesky, with an eigenvalue fallback.
 * :func:`pi_split` -- the trace-norm damping split of Algorithm 12 line 19,
   ``pi = sqrt((tr(Omega)/d_Omega) / (tr(Gamma)/d_Gamma))``.
@@ -20,14 +21,59 @@ class LinAlgError(RuntimeError):
     """A factor could not be inverted (non-finite entries, or not positive definite after damping)."""
 
 
+#: below this many columns ``X^T X`` is one GEMM; above, it is computed by triangular blocks
+SYMMETRIC_BLOCKS_MIN = 200
+
+
+def _symmetric_blocks(n: int, device: torch.device) -> int:
+    """How many column blocks :func:`gram_` uses: 1 (one GEMM), 2 or 4 (CPU only).
+
+    Measured on one CPU thread (float32, 1000 rows): 4 blocks take 0.6-0.75x the time of one
+    GEMM for 500-1000 columns, 2 blocks 0.8x for 250-400; smaller matrices gain nothing.
+    Accelerators keep the single GEMM (launch overhead, and untested there).
+    """
+    if device.type != "cpu" or n < SYMMETRIC_BLOCKS_MIN:
+        return 1
+    return 2 if n < 2 * SYMMETRIC_BLOCKS_MIN else 4
+
+
+def gram_(out: Tensor, x: Tensor, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
+    """In place: ``out <- beta out + alpha X^T X`` for rows ``X`` of shape ``(n, d)``; returns ``out``.
+
+    ``X^T X`` is symmetric, so on the CPU only the blocks on and below the diagonal of a
+    ``b x b`` block partition are computed (``b(b+1)/2`` of ``b^2`` GEMMs, written straight
+    into ``out``) and the blocks above the diagonal are copied from those below: about
+    ``(b+1)/(2b)`` of the flops of one GEMM. ``out`` is assumed symmetric on entry (its upper
+    blocks are overwritten). With ``beta = 0`` its old contents are ignored (NaN included), as
+    in ``torch.addmm``.
+    """
+    d = x.shape[1]
+    if out.shape != (d, d):
+        raise ValueError(
+            f"out: expected shape ({d}, {d}) for X of shape {tuple(x.shape)}, got {tuple(out.shape)}"
+        )
+    blocks = _symmetric_blocks(d, x.device)
+    if blocks == 1:
+        return out.addmm_(x.t(), x, beta=beta, alpha=alpha)
+    edges = [i * d // blocks for i in range(blocks + 1)]
+    for i in range(blocks):
+        xi = x[:, edges[i] : edges[i + 1]].t()
+        for j in range(i + 1):
+            block = out[edges[i] : edges[i + 1], edges[j] : edges[j + 1]]
+            block.addmm_(xi, x[:, edges[j] : edges[j + 1]], beta=beta, alpha=alpha)
+    for i in range(1, blocks):  # upper = lower^T
+        out[: edges[i], edges[i] : edges[i + 1]].copy_(out[edges[i] : edges[i + 1], : edges[i]].t())
+    return out
+
+
 def gram(x: Tensor, scale: float = 1.0) -> Tensor:
-    """``scale * X^T X`` for rows ``X`` of shape ``(n, d)``."""
-    return torch.mm(x.t(), x).mul_(scale) if scale != 1.0 else torch.mm(x.t(), x)
+    """``scale * X^T X`` for rows ``X`` of shape ``(n, d)`` (by :func:`gram_`)."""
+    return gram_(x.new_empty(x.shape[1], x.shape[1]), x, 0.0, scale)
 
 
 def ema_gram_(m: Tensor, x: Tensor, beta: float, scale: float = 1.0) -> Tensor:
     """In place: ``M <- beta M + (1 - beta) scale X^T X``; returns ``M``."""
-    return m.addmm_(x.t(), x, beta=beta, alpha=(1.0 - beta) * scale)
+    return gram_(m, x, beta, (1.0 - beta) * scale)
 
 
 def damped_inverse(m: Tensor, damping: float) -> Tensor:

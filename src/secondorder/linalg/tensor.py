@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .kron import gram
+
 
 def vec(a: Tensor) -> Tensor:
     """Row-major vectorization ``vec(A)`` (4.2.1)."""
@@ -81,9 +83,8 @@ def contraction(a: Tensor, mode: int) -> Tensor:
     if a.dim() == 1:
         return torch.outer(a, a)
     if a.dim() == 2:
-        return a @ a.t() if mode == 0 else a.t() @ a
-    m = matricize(a, mode)
-    return m @ m.t()
+        return gram(a.t()) if mode == 0 else gram(a)  # symmetric: lower blocks only (kron.gram_)
+    return gram(matricize(a, mode).t())
 
 
 def diag_contraction(a: Tensor, mode: int) -> Tensor:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from .. import distributed as D
 from ..capture import Capture, Closure, preserved_norm_buffers, supported_modules
 from ..capture import hooks as C
-from ..linalg import LinAlgError, damped_inverse, kron_apply, pi_split
+from ..linalg import LinAlgError, damped_inverse, ema_gram_, gram, gram_, kron_apply, pi_split
 from . import hparams as H
 from .base import MomentumStyle, SecondOrderOptimizer
 
@@ -155,11 +155,11 @@ class KFAC(SecondOrderOptimizer):
         for name, (a, sa, g, sg) in rows.items():
             st = self.module_state.setdefault(name, {})
             if "omega" not in st:
-                st["omega"] = torch.mm(a.t(), a).mul_(sa)
-                st["gamma"] = torch.mm(g.t(), g).mul_(sg)
+                st["omega"] = gram(a, sa)
+                st["gamma"] = gram(g, sg)
             else:
-                st["omega"].addmm_(a.t(), a, beta=beta, alpha=(1.0 - beta) * sa)
-                st["gamma"].addmm_(g.t(), g, beta=beta, alpha=(1.0 - beta) * sg)
+                ema_gram_(st["omega"], a, beta, sa)
+                ema_gram_(st["gamma"], g, beta, sg)
         # EMA is linear and the old factors agree across ranks: averaging after the update is exact
         D.all_reduce_mean([st[k] for n in rows for st in (self.module_state[n],) for k in ("omega", "gamma")])
 
@@ -191,10 +191,10 @@ class KFAC(SecondOrderOptimizer):
                 self.stats.warm_start_backward_passes += 1
                 for name, (a, sa, g, sg) in self._factor_rows(closure, recs, grads).items():
                     if name in sums:
-                        sums[name][0].addmm_(a.t(), a, alpha=sa)
-                        sums[name][1].addmm_(g.t(), g, alpha=sg)
+                        gram_(sums[name][0], a, 1.0, sa)
+                        gram_(sums[name][1], g, 1.0, sg)
                     else:
-                        sums[name] = [torch.mm(a.t(), a).mul_(sa), torch.mm(g.t(), g).mul_(sg)]
+                        sums[name] = [gram(a, sa), gram(g, sg)]
                 count += 1
             if count:
                 D.all_reduce_mean([x for pair in sums.values() for x in pair])
