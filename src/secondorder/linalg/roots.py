@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kron import LinAlgError, damped_inverse
+from .kron import LinAlgError, damped_inverse, gram
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def eigh_inverse_root(g: Tensor, p: float, damping: float = 0.0) -> Tensor:
     evals = evals.clamp_min(0) + damping
     if not bool((evals > 0).all()):
         raise LinAlgError("factor is singular and undamped; no inverse root")
-    return (evecs * evals.pow(-1.0 / p)) @ evecs.t()
+    # Q diag(lam^(-1/p)) Q^T = X^T X with X = (Q diag(lam^(-1/(2p))))^T: a symmetric product
+    return gram((evecs * evals.pow(-0.5 / p)).t())
 
 
 def coupled_newton_inverse_root(g: Tensor, p: int, damping: float = 0.0) -> Tensor:
