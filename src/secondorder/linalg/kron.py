@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor
 
+from .finite import finite
+
 
 class LinAlgError(RuntimeError):
     """A factor could not be inverted (non-finite entries, or not positive definite after damping)."""
@@ -86,7 +88,7 @@ def damped_inverse(m: Tensor, damping: float) -> Tensor:
         LinAlgError: when ``M`` has non-finite entries, the eigendecomposition fails, or the
             inverse is not finite.
     """
-    if not bool(torch.isfinite(m).all()):
+    if not finite(m):
         raise LinAlgError("factor has non-finite entries")
     d = m.shape[0]
     damped = m + damping * torch.eye(d, dtype=m.dtype, device=m.device)
@@ -100,7 +102,7 @@ def damped_inverse(m: Tensor, damping: float) -> Tensor:
         except torch.linalg.LinAlgError as err:  # eigh did not converge (extremely ill-conditioned M)
             raise LinAlgError(f"eigendecomposition of a {d}x{d} factor failed: {err}") from err
         inv = (evecs / (evals.clamp_min(0) + damping)) @ evecs.t()
-    if not bool(torch.isfinite(inv).all()):
+    if not finite(inv):
         raise LinAlgError(f"inverse of a {d}x{d} factor with damping {damping:g} is not finite")
     return inv
 

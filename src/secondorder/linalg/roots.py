@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .finite import finite
 from .kron import LinAlgError, damped_inverse, gram
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def _eigh(sym: Tensor) -> tuple[Tensor | None, Tensor | None]:
         evals, evecs = torch.linalg.eigh(sym)
     except torch.linalg.LinAlgError:
         return None, None
-    if not (bool(torch.isfinite(evals).all()) and bool(torch.isfinite(evecs).all())):
+    if not (finite(evals) and finite(evecs)):
         return None, None
     return evals, evecs
 
@@ -120,7 +121,7 @@ def eigh_inverse_root(g: Tensor, p: float, damping: float = 0.0) -> Tensor:
     Raises:
         LinAlgError: non-finite input, or a non-positive damped eigenvalue.
     """
-    if not bool(torch.isfinite(g).all()):
+    if not finite(g):
         raise LinAlgError("factor has non-finite entries")
     sym = 0.5 * (g + g.t())
     evals, evecs = _eigh(sym)
@@ -149,7 +150,7 @@ def coupled_newton_inverse_root(g: Tensor, p: int, damping: float = 0.0) -> Tens
     Raises:
         LinAlgError: non-finite input, or no finite root.
     """
-    if not bool(torch.isfinite(g).all()):
+    if not finite(g):
         raise LinAlgError("factor has non-finite entries")
     if g.shape[0] == 1:
         value = float(g.reshape(()) + damping)
@@ -158,7 +159,7 @@ def coupled_newton_inverse_root(g: Tensor, p: int, damping: float = 0.0) -> Tens
         return g.new_full((1, 1), value ** (-1.0 / p))
     result = coupled_newton(g, p, damping)
     root = result.root
-    if result.error > FALLBACK_ERROR or not bool(torch.isfinite(root).all()):
+    if result.error > FALLBACK_ERROR or not finite(root):
         logger.debug(
             "coupled Newton stalled (n=%d, p=%d, error %.3g after %d iterations); using eigh",
             g.shape[0],
@@ -167,7 +168,7 @@ def coupled_newton_inverse_root(g: Tensor, p: int, damping: float = 0.0) -> Tens
             result.iterations,
         )
         root = eigh_inverse_root(g, p, damping)
-    if not bool(torch.isfinite(root).all()):
+    if not finite(root):
         raise LinAlgError(f"inverse {p}-th root of a {g.shape[0]}x{g.shape[0]} factor is not finite")
     return root
 
@@ -183,7 +184,7 @@ def inverse_root(factor: Tensor, p: int, damping: float, *, method: str = "newto
         LinAlgError: when the factor is not finite or the result is not finite (the caller keeps
             its previous preconditioner).
     """
-    if not bool(torch.isfinite(factor).all()):
+    if not finite(factor):
         raise LinAlgError("factor has non-finite entries")
     if factor.dim() == 1:
         out = (factor.clamp_min(0) + damping).pow(-1.0 / p)
@@ -195,6 +196,6 @@ def inverse_root(factor: Tensor, p: int, damping: float, *, method: str = "newto
         out = coupled_newton_inverse_root(factor, p, damping)
     else:
         raise ValueError(f"method must be 'newton' or 'eigh', got {method!r}")
-    if not bool(torch.isfinite(out).all()):
+    if not finite(out):
         raise LinAlgError(f"damped inverse {p}-th root of a {tuple(factor.shape)} factor is not finite")
     return out

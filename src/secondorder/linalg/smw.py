@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .finite import finite
 from .kron import LinAlgError
 
 
@@ -180,5 +181,5 @@ def block_diagonal(blocks: Tensor) -> Tensor:
 
 
 def _check_finite(what: str, x: Tensor) -> None:
-    if not bool(torch.isfinite(x).all()):
+    if not finite(x):
         raise LinAlgError(f"{what} has non-finite entries")

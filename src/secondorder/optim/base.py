@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..capture import Closure, preserved_norm_buffers, unwrap
 from ..capture.closure import ForwardResult
+from ..linalg.finite import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -293,21 +294,6 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         pass
-
-
-def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite.
-
-    Fast path: one sum per tensor (a NaN or inf entry makes the sum non-finite); only when a
-    sum is not finite are the entries checked one by one, so a finite tensor whose sum
-    overflows is not mistaken for a non-finite one.
-    """
-    if not tensors:
-        return True
-    sums = torch.stack([t.sum().float() for t in tensors])
-    if bool(torch.isfinite(sums).all()):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _clone(obj: Any) -> Any:
