@@ -163,3 +163,34 @@ def test_all_gather_examples_without_a_process_group_is_the_identity():
     t = torch.randn(3, 2)
     (out,) = D.all_gather_examples([t])
     assert out is t
+
+
+UNEVEN = (3, 5)  # examples on rank 0 and rank 1
+
+
+def _smw_uneven_job(rank, out_file, name, lam, tau):
+    x, y = classification_data(n=sum(UNEVEN))
+    lo = sum(UNEVEN[:rank])
+    model = tiny_mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = so.make_optimizer(name, ddp, lr=1.0, damping=lam, tau=tau, curvature_batch=1.0)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    opt.step(so.Closure(ddp, x[lo : lo + UNEVEN[rank]], y[lo : lo + UNEVEN[rank]], nn.CrossEntropyLoss()))
+    if rank == 0:
+        torch.save(before - torch.cat([p.detach().reshape(-1) for p in model.parameters()]), out_file)
+
+
+@pytest.mark.parametrize("name,kind", [("smw-ng", "ng"), ("smw-gn", "gn")])
+def test_smw_on_uneven_ranks_solves_with_the_union_of_their_examples(name, kind, tmp_path):
+    """Ranks with 3 and 5 examples: the step is ``(lam I + (1/8) J^T H J)^-1 g`` with ``J`` over all
+    8 examples (s = 1/sum N2) and ``g`` the DDP gradient (the mean of the ranks' mean gradients)."""
+    from tests.optim.test_smw import LAM, TAU, dense_jacobian, flat_grad
+
+    step = _run(_smw_uneven_job, tmp_path, name, LAM, TAU)
+    x, y = classification_data(n=sum(UNEVEN))
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    g = 0.5 * (flat_grad(model, x[:3], y[:3], loss_fn) + flat_grad(model, x[3:], y[3:], loss_fn))
+    jac, hess = dense_jacobian(model, x, y, loss_fn, kind)
+    curvature = jac.t() @ hess @ jac / sum(UNEVEN)
+    expected = torch.linalg.solve((LAM + TAU) * torch.eye(len(g), dtype=g.dtype) + curvature, g)
+    torch.testing.assert_close(step, expected, rtol=1e-9, atol=1e-12)

@@ -62,11 +62,11 @@ def all_gather_examples(tensors: Sequence[Tensor]) -> list[Tensor]:
     for i, t in enumerate(tensors):
         rows = [table[r][i] for r in range(world)]
         longest = max(rows)
-        padded = t
+        padded = t.contiguous()
         if t.shape[0] < longest:
-            padded = torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])])
+            padded = torch.cat([padded, t.new_zeros(longest - t.shape[0], *t.shape[1:])])
         parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous())
+        dist.all_gather(parts, padded)
         out.append(torch.cat([part[:n] for part, n in zip(parts, rows, strict=True)]))
     return out
 

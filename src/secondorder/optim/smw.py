@@ -66,7 +66,8 @@ Cost per step (5.7): ``O(N2 n + N2^2 sum_l m_l + N2^3)`` for SMW-NG,
 **Under** ``torch.distributed`` each rank builds the blocks of ``J`` (and ``H``) for its own
 ``S2`` and the blocks are gathered across ranks (``N2`` rows per rank; the factored
 ``(g, abar)`` of the Kronecker layers, not ``J`` itself), so every rank solves the system of
-the union of the ranks' ``S2`` with ``s = 1 / sum N2``: with the whole batch as ``S2``
+the union of the ranks' ``S2`` with ``s = 1 / sum N2`` (for a batch-mean loss; ranks may
+hold different ``N2``, and every example then weighs the same): with the whole batch as ``S2``
 (``curvature_batch=1.0``) and the empirical Fisher or GN, N ranks with batch ``m/N`` take
 the steps of one process with batch ``m``. The ``(sum N2)^2`` Gram matrix and its solve are
 replicated on every rank.
@@ -230,9 +231,9 @@ class _SMW(LMOptimizer):
             hess = self._s2_blocks(closure, idx, {} if reuse else kron, blocks)
             curvature = [t for b in blocks.values() for t in b.tensors()]
             self._check_tensors("curvature", curvature + ([hess] if hess is not None else []))
-            if D.is_distributed():  # J and H of the union of the ranks' S2, s = 1/(sum N2)
-                blocks, hess = _gather(blocks, hess)
-                scale /= D.world_size()
+            if D.is_distributed():  # J and H of the union of the ranks' S2
+                blocks, hess, n2_all = _gather(blocks, hess, n2)
+                scale *= n2 / n2_all  # s = 1/(sum N2) for a batch-mean loss
             try:
                 direction = self._solve(blocks, hess, self._grads(), damping, scale, closure.likelihood)
             except LinAlgError as err:
@@ -240,7 +241,8 @@ class _SMW(LMOptimizer):
                     f"{self.method}: SMW solve failed at step {self.step_count} ({err}); "
                     "parameters and optimizer state are unchanged"
                 ) from err
-            # every rank solved the same system; averaging keeps the replicas bit-identical
+            # every rank solved the same system; the all-reduce makes the replicas agree bit for
+            # bit even where their round-off differed
             D.all_reduce_mean(list(direction.values()))
         return result.loss.detach(), direction, None
 
@@ -343,22 +345,25 @@ class _SMW(LMOptimizer):
 
 
 def _gather(
-    blocks: dict[str, _KronBlock | _DenseBlock], hess: Tensor | None
-) -> tuple[dict[str, _KronBlock | _DenseBlock], Tensor | None]:
-    """The blocks of ``J`` (and ``H``) of every rank's ``S2`` stacked in rank order (one gather).
+    blocks: dict[str, _KronBlock | _DenseBlock], hess: Tensor | None, n2: int
+) -> tuple[dict[str, _KronBlock | _DenseBlock], Tensor | None, int]:
+    """The blocks of ``J`` (and ``H``) of every rank's ``S2`` stacked in rank order, and ``sum N2``.
 
     Every per-example tensor has the examples first (dense rows are example-major), so the
-    result is what one process holding all the ranks' ``S2`` examples would build.
+    result is what one process holding all the ranks' ``S2`` examples would build. One gather
+    call; a ``(N2, 1)`` marker counts the examples (ranks may hold different ``N2``).
     """
-    local = [t for b in blocks.values() for t in b.tensors()] + ([hess] if hess is not None else [])
-    full = iter(D.all_gather_examples(local))
+    local = [t for b in blocks.values() for t in b.tensors()]  # in each block's tensors() order
+    marker = local[0].new_ones(n2, 1)
+    full = iter(D.all_gather_examples([*local, marker] + ([hess] if hess is not None else [])))
     out: dict[str, _KronBlock | _DenseBlock] = {}
     for name, b in blocks.items():
         if isinstance(b, _KronBlock):
             out[name] = _KronBlock(b.module, b.names, next(full), next(full))
         else:
             out[name] = _DenseBlock(b.names, b.shapes, next(full))
-    return out, (next(full) if hess is not None else None)
+    n2_all = next(full).shape[0]
+    return out, (next(full) if hess is not None else None), n2_all
 
 
 def _factors(module: nn.Linear, inputs: Tensor, outputs: Tensor, n: int) -> tuple[Tensor, Tensor]:
