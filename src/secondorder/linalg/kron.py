@@ -42,6 +42,10 @@ def _symmetric_blocks(n: int, device: torch.device) -> int:
 def gram_(out: Tensor, x: Tensor, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
     """In place: ``out <- beta out + alpha X^T X`` for rows ``X`` of shape ``(n, d)``; returns ``out``.
 
+    The second moments of the Kronecker methods: KFAC's ``Omega`` and ``Gamma`` (Algorithm 12
+    line 14, with ``beta`` the moving-average decay), the contractions ``G^(i)`` of TNT and
+    Shampoo (4.2), K-BFGS's dense ``A`` (Algorithm 9 line 3).
+
     ``X^T X`` is symmetric, so on the CPU only the blocks on and below the diagonal of a
     ``b x b`` block partition are computed (``b(b+1)/2`` of ``b^2`` GEMMs, written straight
     into ``out``) and the blocks above the diagonal are copied from those below: about
