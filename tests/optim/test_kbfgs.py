@@ -325,16 +325,8 @@ def test_conv_hessian_action_equals_dense_im2col(conv):
     torch.testing.assert_close(dw, torch.einsum("nti,ntd->id", dh, explicit))
 
 
-def test_linear_hessian_action_with_locations():
-    torch.manual_seed(0)
-    module = nn.Linear(3, 2).to(F64)
-    a = torch.randn(4, 5, 3, dtype=F64)  # 5 locations per example
-    rows = homog(a.reshape(-1, 3))
-    a_dense = rows.t() @ rows / 4
-    v = torch.randn(4, dtype=F64)
-    torch.testing.assert_close(S.input_action(module, a, v), a_dense @ v)
-    torch.testing.assert_close(S.input_gram(module, a), a_dense)
-    torch.testing.assert_close(S.input_mean(module, a, ()), rows.mean(0))
+def test_damping_split():
+    """Alg. 9 line 2: (lambda_A, lambda_G) = (sqrt(|T| lam), sqrt(lam / |T|))."""
     assert K.damping_split(0.3, 1) == pytest.approx((math.sqrt(0.3), math.sqrt(0.3)))
     lam_a, lam_g = K.damping_split(2.0, 9)
     assert lam_a == pytest.approx(3 * math.sqrt(2.0)) and lam_a * lam_g == pytest.approx(2.0)
