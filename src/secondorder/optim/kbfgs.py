@@ -100,8 +100,9 @@ from ..capture import statistics as S
 from ..linalg import bfgs as B
 from ..linalg import damped_inverse
 from ..linalg import lbfgs as LB
+from ..linalg.finite import all_finite
 from . import hparams as H
-from .base import MomentumStyle, NonFiniteError, SecondOrderOptimizer, all_finite
+from .base import MomentumStyle, NonFiniteError, SecondOrderOptimizer
 
 logger = logging.getLogger(__name__)
 
