@@ -159,6 +159,22 @@ def test_all_gather_examples_concatenates_uneven_ranks_in_rank_order(tmp_path):
     torch.testing.assert_close(b, torch.cat([torch.full((1, 2, 2), 10.0), torch.full((2, 2, 2), 11.0)]))
 
 
+def _mismatch_job(rank, out_file):
+    try:
+        D.all_gather_examples([torch.zeros(2, 3 + rank)])
+        message = "no error"
+    except ValueError as err:  # raised on every rank alike, so no rank waits in a collective
+        message = str(err)
+    if rank == 0:
+        torch.save(message, out_file)
+
+
+def test_all_gather_examples_rejects_rows_of_different_shapes(tmp_path):
+    message = _run(_mismatch_job, tmp_path)
+    assert "tensor 0" in message and "on rank 1" in message
+    assert "only the first dimension may differ" in message
+
+
 def test_all_gather_examples_without_a_process_group_is_the_identity():
     t = torch.randn(3, 2)
     (out,) = D.all_gather_examples([t])

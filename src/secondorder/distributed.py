@@ -54,13 +54,24 @@ def all_gather_examples(tensors: Sequence[Tensor]) -> list[Tensor]:
         return list(tensors)
     world = dist.get_world_size()
     ref = tensors[0]
-    counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64, device=ref.device)
-    all_counts = [torch.empty_like(counts) for _ in range(world)]
-    dist.all_gather(all_counts, counts)
-    table = torch.stack(all_counts).tolist()  # [rank][tensor]
+    # per tensor: rows, number of dimensions, entries per row (checked on every rank alike)
+    info = torch.tensor(
+        [[t.shape[0], t.dim(), t.shape[1:].numel()] for t in tensors], dtype=torch.int64, device=ref.device
+    )
+    all_info = [torch.empty_like(info) for _ in range(world)]
+    dist.all_gather(all_info, info)
+    table = torch.stack(all_info).tolist()  # [rank][tensor][rows, dim, per-row]
+    for r in range(world):
+        for i in range(len(tensors)):
+            if table[r][i][1:] != table[0][i][1:]:
+                raise ValueError(
+                    f"all_gather_examples: tensor {i} has {table[r][i][1]} dimensions and "
+                    f"{table[r][i][2]} entries per row on rank {r}, but {table[0][i][1]} and "
+                    f"{table[0][i][2]} on rank 0; only the first dimension may differ"
+                )
     out = []
     for i, t in enumerate(tensors):
-        rows = [table[r][i] for r in range(world)]
+        rows = [table[r][i][0] for r in range(world)]
         longest = max(rows)
         padded = t.contiguous()
         if t.shape[0] < longest:
