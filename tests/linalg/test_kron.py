@@ -37,26 +37,37 @@ def test_failing_eigendecomposition_becomes_our_error(monkeypatch: pytest.Monkey
         damped_inverse(m, 0.1)
 
 
-@pytest.mark.parametrize("d", [5, K.SYMMETRIC_BLOCKS_MIN + 7, 2 * K.SYMMETRIC_BLOCKS_MIN + 13])
+@pytest.mark.parametrize("d", [5, K.SYMMETRIC_BLOCKS_MIN + 7, 413, 1013])
 def test_blocked_gram_equals_the_dense_product(d: int) -> None:
-    """One, two and four triangular blocks (d below, between and above the thresholds)."""
+    """One GEMM (d below the threshold), 2, 3 and 8 row panels."""
     g = torch.Generator().manual_seed(d)
-    x = torch.randn(37, d, generator=g, dtype=torch.float64)
+    rows = K.SYMMETRIC_ROWS_MIN + 9
+    assert K._symmetric_blocks(d, rows, torch.device("cpu")) == {5: 1, 207: 2, 413: 3, 1013: 8}[d]
+    x = torch.randn(rows, d, generator=g, dtype=torch.float64)
     dense = x.t() @ x
     torch.testing.assert_close(gram(x), dense, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gram(x, 0.25), 0.25 * dense, rtol=1e-12, atol=1e-12)
-    old = gram(torch.randn(9, d, generator=g, dtype=torch.float64))
+    old = gram(torch.randn(rows, d, generator=g, dtype=torch.float64))
     expected = 0.9 * old + 0.1 * 3.0 * dense
     torch.testing.assert_close(ema_gram_(old.clone(), x, 0.9, 3.0), expected, rtol=1e-12, atol=1e-12)
-    acc = gram(x[:20])
-    torch.testing.assert_close(gram_(acc, x[20:], 1.0), dense, rtol=1e-12, atol=1e-12)
+    acc = gram(x[:K.SYMMETRIC_ROWS_MIN])  # panels, then one GEMM for the remaining 9 rows
+    torch.testing.assert_close(gram_(acc, x[K.SYMMETRIC_ROWS_MIN :], 1.0), dense, rtol=1e-12, atol=1e-12)
     # a transposed (non-contiguous) X, as for the contraction of a matrix's first mode
-    cols = dense[:, :11]
+    cols = torch.randn(d, rows, generator=g, dtype=torch.float64)
     torch.testing.assert_close(gram(cols.t()), cols @ cols.t(), rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.parametrize("n", range(K.SYMMETRIC_BLOCKS_MIN, 3001, 7))
+def test_panel_edges_increase_from_zero_to_n(n: int) -> None:
+    blocks = K._symmetric_blocks(n, K.SYMMETRIC_ROWS_MIN, torch.device("cpu"))
+    edges = K._panel_edges(n, blocks)
+    assert len(edges) == blocks + 1 and edges[0] == 0 and edges[-1] == n
+    assert all(b - a >= 64 for a, b in zip(edges[:-1], edges[1:], strict=True))
+    assert all(e % 16 == 0 for e in edges[1:-1])
+
+
 def test_blocked_gram_ignores_the_old_contents_when_beta_is_zero() -> None:
-    x = torch.randn(10, 2 * K.SYMMETRIC_BLOCKS_MIN + 1, dtype=torch.float64)
+    x = torch.randn(K.SYMMETRIC_ROWS_MIN, 2 * K.SYMMETRIC_BLOCKS_MIN + 1, dtype=torch.float64)
     out = torch.full((x.shape[1], x.shape[1]), float("nan"), dtype=torch.float64)
     torch.testing.assert_close(gram_(out, x), x.t() @ x, rtol=1e-12, atol=1e-12)
 
@@ -66,8 +77,10 @@ def test_blocked_gram_rejects_a_wrong_output_shape() -> None:
         gram_(torch.zeros(3, 3), torch.zeros(4, 2))
 
 
-def test_blocked_gram_keeps_one_gemm_off_the_cpu() -> None:
-    assert K._symmetric_blocks(1000, torch.device("cpu")) == 4
-    assert K._symmetric_blocks(300, torch.device("cpu")) == 2
-    assert K._symmetric_blocks(100, torch.device("cpu")) == 1
-    assert K._symmetric_blocks(1000, torch.device("meta")) == 1
+def test_blocked_gram_keeps_one_gemm_off_the_cpu_and_for_few_rows() -> None:
+    cpu = torch.device("cpu")
+    assert K._symmetric_blocks(1000, 1000, cpu) == 8
+    assert K._symmetric_blocks(300, 1000, cpu) == 2
+    assert K._symmetric_blocks(100, 1000, cpu) == 1
+    assert K._symmetric_blocks(1000, K.SYMMETRIC_ROWS_MIN - 1, cpu) == 1
+    assert K._symmetric_blocks(1000, 1000, torch.device("meta")) == 1

@@ -23,20 +23,31 @@ class LinAlgError(RuntimeError):
     """A factor could not be inverted (non-finite entries, or not positive definite after damping)."""
 
 
-#: below this many columns ``X^T X`` is one GEMM; above, it is computed by triangular blocks
+#: below this many columns ``X^T X`` is one GEMM; above, it is computed by triangular row panels
 SYMMETRIC_BLOCKS_MIN = 200
+#: ... and below this many rows too (few rows: the GEMM is bound by writing ``out``, and panels lose)
+SYMMETRIC_ROWS_MIN = 128
+#: columns per panel, about; at most this many panels; panel edges on multiples of this
+_PANEL_WIDTH, _MAX_PANELS, _PANEL_ALIGN = 125, 8, 16
 
 
-def _symmetric_blocks(n: int, device: torch.device) -> int:
-    """How many column blocks :func:`gram_` uses: 1 (one GEMM), 2 or 4 (CPU only).
+def _symmetric_blocks(n: int, rows: int, device: torch.device) -> int:
+    """How many row panels :func:`gram_` uses for ``n`` columns: 1 (one GEMM) or 2-8 (CPU only).
 
-    Measured on one CPU thread (float32, 1000 rows): 4 blocks take 0.6-0.75x the time of one
-    GEMM for 500-1000 columns, 2 blocks 0.8x for 250-400; smaller matrices gain nothing.
-    Accelerators keep the single GEMM (launch overhead, and untested there).
+    Measured on one CPU thread (float32, ``benchmarks``-style best of 3, 128-4000 rows): the panels
+    take 0.6-0.7x the time of one GEMM for 500-2000 columns, 0.75-0.85x for 200-400; with fewer
+    than 128 rows or 200 columns they gain nothing (30 rows: up to 2x slower). Accelerators keep
+    the single GEMM (launch overhead, and untested there).
     """
-    if device.type != "cpu" or n < SYMMETRIC_BLOCKS_MIN:
+    if device.type != "cpu" or n < SYMMETRIC_BLOCKS_MIN or rows < SYMMETRIC_ROWS_MIN:
         return 1
-    return 2 if n < 2 * SYMMETRIC_BLOCKS_MIN else 4
+    return min(_MAX_PANELS, max(2, n // _PANEL_WIDTH))
+
+
+def _panel_edges(n: int, blocks: int) -> list[int]:
+    """``blocks + 1`` increasing edges from 0 to ``n``, the inner ones on multiples of 16 (SIMD width)."""
+    inner = [round(i * n / blocks / _PANEL_ALIGN) * _PANEL_ALIGN for i in range(1, blocks)]
+    return [0, *inner, n]
 
 
 def gram_(out: Tensor, x: Tensor, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
@@ -46,29 +57,26 @@ def gram_(out: Tensor, x: Tensor, beta: float = 0.0, alpha: float = 1.0) -> Tens
     line 14, with ``beta`` the moving-average decay), the contractions ``G^(i)`` of TNT and
     Shampoo (4.2), K-BFGS's dense ``A`` (Algorithm 9 line 3).
 
-    ``X^T X`` is symmetric, so on the CPU only the blocks on and below the diagonal of a
-    ``b x b`` block partition are computed (``b(b+1)/2`` of ``b^2`` GEMMs, written straight
-    into ``out``) and the blocks above the diagonal are copied from those below: about
-    ``(b+1)/(2b)`` of the flops of one GEMM. ``out`` is assumed symmetric on entry (its upper
-    blocks are overwritten). With ``beta = 0`` its old contents are ignored (NaN included), as
-    in ``torch.addmm``.
+    ``X^T X`` is symmetric, so on the CPU only its lower triangle is computed, by ``b`` row
+    panels: panel ``i`` is the GEMM ``out[e_i:e_{i+1}, :e_{i+1}] = X[:, e_i:e_{i+1}]^T
+    X[:, :e_{i+1}]``, written straight into ``out`` (about ``(b+1)/(2b)`` of the flops of one
+    GEMM); the part above the diagonal blocks is then copied from below. ``out`` is assumed
+    symmetric on entry (its upper part is overwritten). With ``beta = 0`` its old contents are
+    ignored (NaN included), as in ``torch.addmm``.
     """
     d = x.shape[1]
     if out.shape != (d, d):
         raise ValueError(
             f"out: expected shape ({d}, {d}) for X of shape {tuple(x.shape)}, got {tuple(out.shape)}"
         )
-    blocks = _symmetric_blocks(d, x.device)
+    blocks = _symmetric_blocks(d, x.shape[0], x.device)
     if blocks == 1:
         return out.addmm_(x.t(), x, beta=beta, alpha=alpha)
-    edges = [i * d // blocks for i in range(blocks + 1)]
-    for i in range(blocks):
-        xi = x[:, edges[i] : edges[i + 1]].t()
-        for j in range(i + 1):
-            block = out[edges[i] : edges[i + 1], edges[j] : edges[j + 1]]
-            block.addmm_(xi, x[:, edges[j] : edges[j + 1]], beta=beta, alpha=alpha)
-    for i in range(1, blocks):  # upper = lower^T
-        out[: edges[i], edges[i] : edges[i + 1]].copy_(out[edges[i] : edges[i + 1], : edges[i]].t())
+    edges = _panel_edges(d, blocks)
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        out[lo:hi, :hi].addmm_(x[:, lo:hi].t(), x[:, :hi], beta=beta, alpha=alpha)
+    for lo, hi in zip(edges[1:-1], edges[2:], strict=True):  # upper = lower^T, column panel by panel
+        out[:lo, lo:hi].copy_(out[lo:hi, :lo].t())
     return out
 
 
