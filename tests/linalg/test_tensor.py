@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from secondorder.linalg.tensor import (
+    add_multi_mode_product_,
     contraction,
     contractions,
     diag_contraction,
@@ -174,3 +175,23 @@ def test_tensor_normal_samples_identify_the_kronecker_covariance():
 def test_multi_mode_product_checks_the_number_of_factors():
     with pytest.raises(ValueError, match="factors"):
         multi_mode_product(rand(2, 3), [torch.eye(2, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("diagonal_first", [False, True])
+def test_add_multi_mode_product_accumulates_the_kronecker_product(shape, diagonal_first):
+    """``out + alpha (U_1 (x) ... (x) U_k) vec(G)`` in place, dense (one GEMM/GEMV) or not."""
+    g = rand(*shape, seed=5)
+    us = [rand(d, d, seed=40 + i) for i, d in enumerate(shape)]
+    if diagonal_first:
+        us[0] = rand(shape[0], seed=50).abs()
+    out = rand(*shape, seed=6)
+    expected = vec(out) - 0.3 * (kron_dense(us) @ vec(g))
+    result = add_multi_mode_product_(out, g, us, -0.3)
+    assert result.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(vec(out), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_add_multi_mode_product_checks_the_output_shape():
+    with pytest.raises(ValueError, match="out: expected shape"):
+        add_multi_mode_product_(torch.zeros(3, 4), torch.zeros(4, 3), [torch.eye(4), torch.eye(3)])

@@ -5,9 +5,10 @@ from .cg import CGResult, conjugate_gradient
 from .kron import LinAlgError, damped_inverse, ema_gram_, gram, gram_, kron_apply, pi_split
 from .roots import coupled_newton_inverse_root, eigh_inverse_root, inverse_root
 from .smw import block_diagonal, kron_gram, kron_jvp, kron_vjp, smw_apply, smw_weights, smw_weights_singular
-from .tensor import contractions, multi_mode_product, tensor_normal_factors
+from .tensor import add_multi_mode_product_, contractions, multi_mode_product, tensor_normal_factors
 
 __all__ = [
+    "add_multi_mode_product_",
     "contractions",
     "multi_mode_product",
     "tensor_normal_factors",

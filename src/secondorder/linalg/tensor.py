@@ -78,6 +78,24 @@ def multi_mode_product(a: Tensor, factors: Sequence[Tensor]) -> Tensor:
     return out
 
 
+def add_multi_mode_product_(out: Tensor, a: Tensor, factors: Sequence[Tensor], alpha: float = 1.0) -> Tensor:
+    """In place: ``out <- out + alpha (A x_1 U_1 ... x_k U_k)``; returns ``out`` (shape of ``A``).
+
+    The preconditioned update ``W <- W - alpha p`` of Algorithms 15-16 (lines 18-19) without
+    forming ``p`` for dense matrices and vectors: ``out += alpha (U_1 A) U_2^T`` is one GEMM
+    accumulating into ``out``, ``out += alpha U_1 a`` one GEMV; other tensors go through
+    :func:`multi_mode_product`.
+    """
+    if out.shape != a.shape:
+        raise ValueError(f"out: expected shape {tuple(a.shape)}, got {tuple(out.shape)}")
+    if all(u.dim() == 2 for u in factors) and len(factors) == a.dim():
+        if a.dim() == 2:
+            return out.addmm_(factors[0] @ a, factors[1].t(), alpha=alpha)
+        if a.dim() == 1:
+            return out.addmv_(factors[0], a, alpha=alpha)
+    return out.add_(multi_mode_product(a, factors), alpha=alpha)
+
+
 def contraction(a: Tensor, mode: int) -> Tensor:
     """``A^(i) = mat_i(A) mat_i(A)^T``, shape ``(d_i, d_i)`` (4.2)."""
     if a.dim() == 1:

@@ -52,7 +52,7 @@ from .. import distributed as D
 from ..capture import Closure, preserved_norm_buffers
 from ..linalg.kron import LinAlgError
 from ..linalg.roots import inverse_root
-from ..linalg.tensor import contractions, multi_mode_product, tensor_normal_factors
+from ..linalg.tensor import add_multi_mode_product_, contractions, multi_mode_product, tensor_normal_factors
 from . import hparams as H
 from .base import MomentumStyle, SecondOrderOptimizer
 
@@ -297,10 +297,15 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
             m = self._momentum(p, p.grad, mu, MomentumStyle.ACCUMULATE.value)
             precond = self.state[p].get("precond")
             if precond is None:  # never had statistics (a parameter unused so far): plain momentum step
-                direction = m
+                self._apply_update(p, m, lr, wd)
+                continue
+            shape = self.views[name].shape
+            if wd != 0:
+                p.mul_(1.0 - lr * wd)
+            if p.is_contiguous():  # W <- W - alpha p without forming p (one GEMM for a matrix)
+                add_multi_mode_product_(p.view(shape), m.reshape(shape), precond, -lr)
             else:
-                direction = multi_mode_product(m.reshape(self.views[name].shape), precond).reshape(p.shape)
-            self._apply_update(p, direction, lr, wd)
+                p.add_(multi_mode_product(m.reshape(shape), precond).reshape(p.shape), alpha=-lr)
 
 
 class TNT(TensorFactoredOptimizer):
