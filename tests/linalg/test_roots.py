@@ -132,6 +132,38 @@ def test_eigh_root_retries_in_float64_when_float32_lapack_fails(monkeypatch):
         eigh_inverse_root(g, 4, 1e-2)
 
 
+def test_eigh_root_decomposes_the_damped_factor(monkeypatch):
+    """The matrix handed to LAPACK is ``(G + G^T)/2 + damping I``; its eigenvalues are clamped at ``damping``."""
+    g = spd(6, 10.0, seed=9)
+    seen = []
+    original = roots._eigh
+
+    def recording(sym):
+        seen.append(sym.clone())
+        return original(sym)
+
+    monkeypatch.setattr(roots, "_eigh", recording)
+    out = eigh_inverse_root(g, 4, 0.5)
+    torch.testing.assert_close(seen[0], g + 0.5 * torch.eye(6, dtype=g.dtype))
+    assert rel(out, numpy_root(g, 4, 0.5)) < 1e-12
+    eigh_inverse_root(g, 4, 0.0)
+    torch.testing.assert_close(seen[1], g)  # undamped: G itself
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_float32_eigh_root_of_a_low_rank_factor_with_a_zero_cluster(p):
+    """A 400 x 400 float32 factor of rank 5 (a moving average of a few bias contractions: 395
+    eigenvalues at 0, the cluster on which float32 LAPACK divide and conquer can fail) with
+    Shampoo's damping well below its largest eigenvalue: the root matches float64 numpy to what
+    float32 allows at this conditioning (``lambda_max / eps ~ 1e4``, times float32's 6e-8)."""
+    gen = torch.Generator().manual_seed(p)
+    v = torch.randn(400, 5, generator=gen, dtype=torch.float64) * torch.tensor([1e-1, 3e-2, 1e-2, 1e-3, 1e-4])
+    g = (v @ v.t()).float()
+    out = eigh_inverse_root(g, p, 3e-4)
+    assert out.dtype == torch.float32
+    assert rel(out, numpy_root(g, p, 3e-4)) < 1e-3
+
+
 def test_eigh_root_clamps_negative_round_off_and_raises_when_singular():
     g = torch.tensor([[1.0, 0.0], [0.0, -1e-12]], dtype=torch.float64)
     torch.testing.assert_close(
