@@ -62,3 +62,22 @@ def test_synthetic_digits_are_seeded_in_range_and_learnable():
     means = torch.stack([x[train][y[train] == c].mean(0) for c in range(10)])
     pred = torch.cdist(x[test], means).argmin(1)
     assert float((pred == y[test]).float().mean()) > 0.6
+
+
+def test_module_runs_as_a_script_without_a_runpy_warning():
+    """``python -m secondorder.diagnostics``: the package imports ``diagnostics`` lazily."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "secondorder.diagnostics", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "RuntimeWarning" not in done.stderr
+    import secondorder as so
+
+    assert so.diagnostics.cosine_to_block_fisher is cosine_to_block_fisher
+    assert "diagnostics" in so.__all__

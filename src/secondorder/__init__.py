@@ -11,7 +11,10 @@ Quick start::
 
 from __future__ import annotations
 
-from . import capture, diagnostics, distributed, linalg, optim
+import importlib
+from typing import Any
+
+from . import capture, distributed, linalg, optim
 from .capture import Closure, Likelihood, infer_likelihood, losses
 from .optim import (
     KBFGS,
@@ -73,3 +76,12 @@ __all__ = [
     "make_optimizer",
     "optim",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``so.diagnostics`` is imported on first use (PEP 562), so that ``python -m
+    secondorder.diagnostics`` does not find the module already imported by the package (runpy's
+    RuntimeWarning) and ``import secondorder`` stays light."""
+    if name == "diagnostics":
+        return importlib.import_module(".diagnostics", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

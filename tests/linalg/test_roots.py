@@ -133,7 +133,7 @@ def test_eigh_root_retries_in_float64_when_float32_lapack_fails(monkeypatch):
 
 
 def test_eigh_root_decomposes_the_damped_factor(monkeypatch):
-    """The matrix handed to LAPACK is ``(G + G^T)/2 + damping I``; its eigenvalues are clamped at ``damping``."""
+    """LAPACK gets ``(G + G^T)/2 + damping I``; its eigenvalues are clamped at ``damping``."""
     g = spd(6, 10.0, seed=9)
     seen = []
     original = roots._eigh
