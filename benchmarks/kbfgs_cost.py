@@ -116,8 +116,10 @@ def main() -> None:
             per_round["cpu"][label].append(cpu / args.steps)
 
     mode = "blocks" if args.block else "interleaved steps"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, "
-          f"{args.rounds} rounds x {args.steps} {mode}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, "
+        f"{args.rounds} rounds x {args.steps} {mode}"
+    )
     results: dict[str, dict] = {}
     for label, _, _, goal in CONFIGS:
         results[label] = {"goal": goal}

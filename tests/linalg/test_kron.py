@@ -50,7 +50,7 @@ def test_blocked_gram_equals_the_dense_product(d: int) -> None:
     old = gram(torch.randn(rows, d, generator=g, dtype=torch.float64))
     expected = 0.9 * old + 0.1 * 3.0 * dense
     torch.testing.assert_close(ema_gram_(old.clone(), x, 0.9, 3.0), expected, rtol=1e-12, atol=1e-12)
-    acc = gram(x[:K.SYMMETRIC_ROWS_MIN])  # panels, then one GEMM for the remaining 9 rows
+    acc = gram(x[: K.SYMMETRIC_ROWS_MIN])  # panels, then one GEMM for the remaining 9 rows
     torch.testing.assert_close(gram_(acc, x[K.SYMMETRIC_ROWS_MIN :], 1.0), dense, rtol=1e-12, atol=1e-12)
     # a transposed (non-contiguous) X, as for the contraction of a matrix's first mode
     cols = torch.randn(d, rows, generator=g, dtype=torch.float64)

@@ -264,8 +264,15 @@ def test_shared_hyper_parameters_have_one_rule() -> None:
     from secondorder.optim import hparams as H
 
     assert H.shared(lr=0, momentum=0.9, update_freq=3) == {"lr": 0.0, "momentum": 0.9, "update_freq": 3}
-    for name, bad in [("lr", -1.0), ("damping", 0.0), ("momentum", 1.0), ("stat_decay", -0.1),
-                      ("weight_decay", float("nan")), ("update_freq", 0), ("inverse_freq", 1.5)]:
+    for name, bad in [
+        ("lr", -1.0),
+        ("damping", 0.0),
+        ("momentum", 1.0),
+        ("stat_decay", -0.1),
+        ("weight_decay", float("nan")),
+        ("update_freq", 0),
+        ("inverse_freq", 1.5),
+    ]:
         with pytest.raises(ValueError, match=name):
             H.shared(**{name: bad})
     with pytest.raises(TypeError):

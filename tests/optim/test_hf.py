@@ -88,8 +88,17 @@ def test_hf_model_reduction_uses_the_truncated_solution():
     """
     model, x, y, loss_fn = mlp_problem("gaussian")
     opt = so.make_optimizer(
-        "hf", model, lr=0.0, damping=LAM, tau=TAU, cg_max_iters=1, cg_tol=0.0, cg_decay=1.0,
-        curvature_batch=1.0, lm_boost=1.0, lm_drop=1.0,
+        "hf",
+        model,
+        lr=0.0,
+        damping=LAM,
+        tau=TAU,
+        cg_max_iters=1,
+        cg_tol=0.0,
+        cg_decay=1.0,
+        curvature_batch=1.0,
+        lm_boost=1.0,
+        lm_drop=1.0,
     )
     c = so.Closure(model, x, y, loss_fn)
     opt.step(c)
@@ -103,8 +112,9 @@ def test_hf_model_reduction_uses_the_truncated_solution():
     assert expected != pytest.approx(0.5 * float(g @ d), rel=1e-3)
 
 
-@pytest.mark.parametrize("arg,value", [("cg_decay", 1.5), ("cg_decay", -0.1), ("cg_max_iters", 2.5),
-                                       ("cg_tol", float("nan"))])
+@pytest.mark.parametrize(
+    "arg,value", [("cg_decay", 1.5), ("cg_decay", -0.1), ("cg_max_iters", 2.5), ("cg_tol", float("nan"))]
+)
 def test_invalid_cg_values_name_the_argument(arg, value):
     with pytest.raises(ValueError, match=arg):
         so.make_optimizer("hf", mlp_problem("categorical")[0], **{arg: value})

@@ -58,8 +58,11 @@ def im2col(x: torch.Tensor, k: int, stride: int, pad: int) -> torch.Tensor:
     xp = F.pad(x, (pad, pad, pad, pad))
     ho = (x.shape[2] + 2 * pad - k) // stride + 1
     wo = (x.shape[3] + 2 * pad - k) // stride + 1
-    cols = [xp[:, :, i * stride : i * stride + k, j * stride : j * stride + k].reshape(x.shape[0], -1)
-            for i in range(ho) for j in range(wo)]
+    cols = [
+        xp[:, :, i * stride : i * stride + k, j * stride : j * stride + k].reshape(x.shape[0], -1)
+        for i in range(ho)
+        for j in range(wo)
+    ]
     return torch.stack(cols, 1)
 
 
@@ -98,10 +101,15 @@ def batch_info(kind, wb, x, y):
     layers = []
     for (rows, h, _), g in zip(recs, per_example, strict=True):
         flat = rows.detach().reshape(-1, rows.shape[-1])
-        layers.append(dict(
-            h=h.detach().mean((0, 1)), g=g.mean((0, 1)), a=rows.detach().mean((0, 1)),
-            A=flat.t() @ flat / m, T=rows.shape[1],
-        ))
+        layers.append(
+            dict(
+                h=h.detach().mean((0, 1)),
+                g=g.mean((0, 1)),
+                a=rows.detach().mean((0, 1)),
+                A=flat.t() @ flat / m,
+                T=rows.shape[1],
+            )
+        )
     return [g.detach() for g in grads], layers
 
 
@@ -134,11 +142,20 @@ class Oracle:
             d_a, d_o = info["A"].shape[0], self.wb[len(self.layers)].shape[0]
             gamma = 1 / lam_g if self.chapter == 3 else 1.0
             h_a = torch.linalg.inv(info["A"] + lam_a * torch.eye(d_a, dtype=F64))
-            self.layers.append(dict(
-                lam_a=lam_a, lam_g=lam_g, gamma=gamma, H_A=h_a,
-                H_G=gamma * torch.eye(d_o, dtype=F64), pairs=[], s=torch.zeros(d_o, dtype=F64),
-                y=torch.zeros(d_o, dtype=F64), A_avg=info["A"], M=None,
-            ))
+            self.layers.append(
+                dict(
+                    lam_a=lam_a,
+                    lam_g=lam_g,
+                    gamma=gamma,
+                    H_A=h_a,
+                    H_G=gamma * torch.eye(d_o, dtype=F64),
+                    pairs=[],
+                    s=torch.zeros(d_o, dtype=F64),
+                    y=torch.zeros(d_o, dtype=F64),
+                    A_avg=info["A"],
+                    M=None,
+                )
+            )
         self.prev = None
 
     def step(self, k, x, y):
@@ -207,8 +224,14 @@ def library_h_g(opt, name):
 def run_both(name, kind, steps=4, **hp):
     model = make_model(kind)
     data = make_batches(kind, n=steps)
-    base = dict(lr=0.1, damping=0.5 if name.endswith("20") or hp.get("pair_damping") == "dd" else 2.0,
-                momentum=0.0, stat_decay=0.0, weight_decay=0.0, update_freq=1)
+    base = dict(
+        lr=0.1,
+        damping=0.5 if name.endswith("20") or hp.get("pair_damping") == "dd" else 2.0,
+        momentum=0.0,
+        stat_decay=0.0,
+        weight_decay=0.0,
+        update_freq=1,
+    )
     base.update(hp)
     oracle = Oracle(name, kind, model, data[0], base)
     opt = so.make_optimizer(name, model, **base)
@@ -447,8 +470,17 @@ def test_dd_rejects_damping_above_one():
 
 @pytest.mark.parametrize(
     "arg,value",
-    [("pair_damping", "powell"), ("a_statistic", "ema"), ("a_inverse", "cholesky"), ("skip_rule", "never"),
-     ("mu1", 0.0), ("mu1", 1.0), ("double_grad", 1), ("lr_decay_power", 1.0), ("momentum_style", "nesterov")],
+    [
+        ("pair_damping", "powell"),
+        ("a_statistic", "ema"),
+        ("a_inverse", "cholesky"),
+        ("skip_rule", "never"),
+        ("mu1", 0.0),
+        ("mu1", 1.0),
+        ("double_grad", 1),
+        ("lr_decay_power", 1.0),
+        ("momentum_style", "nesterov"),
+    ],
 )
 def test_invalid_options_name_the_argument(arg, value):
     with pytest.raises(ValueError, match=arg):
@@ -461,7 +493,11 @@ def test_defaults_are_the_thesis_tables():
     keys = ("lr", "damping", "momentum", "stat_decay", "update_freq")
     assert tuple(hp[k] for k in keys) == (0.03, 0.3, 0.9, 0.9, 1)
     assert (hp["mu1"], hp["pair_damping"], hp["a_statistic"], hp["momentum_style"]) == (
-        0.2, "dp-dlm", "minibatch", "accumulate")
+        0.2,
+        "dp-dlm",
+        "minibatch",
+        "accumulate",
+    )
     assert so.make_optimizer("kbfgsl", model).hp["history_size"] == 100
     hp20 = so.make_optimizer("kbfgsl20", model).hp
     keys = ("lr", "damping", "pair_damping", "a_statistic", "momentum_style")
@@ -471,7 +507,7 @@ def test_defaults_are_the_thesis_tables():
 
 def test_without_warm_start_h_a_starts_from_the_first_batch():
     model = make_model("conv")
-    (x, y), = make_batches("conv", n=1)
+    ((x, y),) = make_batches("conv", n=1)
     opt = so.make_optimizer("kbfgs", model, a_inverse="exact", lr=0.0)
     opt.step(so.Closure(model, x, y, nn.CrossEntropyLoss()))
     _, layers = batch_info("conv", wbars(model), x, y)

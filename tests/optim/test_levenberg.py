@@ -84,8 +84,9 @@ def linear_regression(n: int = 10):
 @pytest.mark.parametrize("name,extra", [("smw-gn", {}), ("hf", dict(cg_max_iters=100, cg_tol=1e-13))])
 def test_exact_quadratic_gives_rho_one_for_the_undamped_model_and_lambda_drops(name, extra):
     model, x, y = linear_regression()
-    opt = so.make_optimizer(name, model, lr=0.5, damping=LAM, tau=TAU, curvature_batch=1.0,
-                            model_reduction="undamped", **extra)
+    opt = so.make_optimizer(
+        name, model, lr=0.5, damping=LAM, tau=TAU, curvature_batch=1.0, model_reduction="undamped", **extra
+    )
     opt.step(so.Closure(model, x, y, so.losses.HalfSquaredErrorLoss()))
     assert opt.stats.diagnostics["rho"] == pytest.approx(1.0, abs=1e-9)
     assert opt.lm_damping == pytest.approx(0.99 * LAM)
@@ -159,8 +160,9 @@ def test_theorem_6_full_gradient_run_is_monotone():
     f never increases, rejected steps leave theta unchanged and boost lambda (the mechanics of the
     proof; the limit |g| -> 0 itself is asymptotic)."""
     model, x, y, loss_fn = mlp_problem("gaussian", n=24)
-    opt = so.make_optimizer("smw-gn", model, lr=1.0, accept_threshold=0.1, curvature_batch=8,
-                            curvature_sample="random", seed=0)
+    opt = so.make_optimizer(
+        "smw-gn", model, lr=1.0, accept_threshold=0.1, curvature_batch=8, curvature_sample="random", seed=0
+    )
     full = so.Closure(model, x, y, loss_fn)
     losses, rejected = [], 0
     for _ in range(40):

@@ -116,8 +116,14 @@ def dense_jacobian(model, x, y, loss_fn, kind: str, targets=None):
             rows = []
             for r in range(out.numel()):
                 gs = torch.autograd.grad(out[r], params, retain_graph=True, allow_unused=True)
-                rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                       for g, p in zip(gs, params, strict=True)]))
+                rows.append(
+                    torch.cat(
+                        [
+                            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                            for g, p in zip(gs, params, strict=True)
+                        ]
+                    )
+                )
             jac = torch.stack(rows)
         z = z.detach()
     hess = torch.eye(jac.shape[0], dtype=DT) if kind == "ng" else torch.block_diag(*like.hessian(z))
@@ -134,8 +140,18 @@ def block_mask(model) -> torch.Tensor:
     return (ids[:, None] == ids[None, :]).to(DT)
 
 
-def dense_direction(model, x, y, loss_fn, kind: str, n2: int | None = None, lam: float = LAM + TAU,
-                    block: bool = False, targets=None, idx=None) -> torch.Tensor:
+def dense_direction(
+    model,
+    x,
+    y,
+    loss_fn,
+    kind: str,
+    n2: int | None = None,
+    lam: float = LAM + TAU,
+    block: bool = False,
+    targets=None,
+    idx=None,
+) -> torch.Tensor:
     """``(lam I + s J^T H J)^-1 g`` with ``J`` on the examples ``idx`` (default the first ``n2``)."""
     n1 = x.shape[0]
     idx = torch.arange(n2 or n1) if idx is None else idx
@@ -293,9 +309,20 @@ def test_step_does_not_touch_grad_beyond_pass_one():
 
 @pytest.mark.parametrize(
     "arg,value",
-    [("curvature_batch", 1.5), ("curvature_batch", True), ("curvature_batch", 0.0), ("fisher", "true"),
-     ("curvature_sample", "last"), ("lm_epsilon", 0.5), ("lm_boost", 0.9), ("lm_drop", 1.5),
-     ("accept_threshold", 0.3), ("accept_threshold", 0.0), ("model_reduction", "exact"), ("tau", 0.0)],
+    [
+        ("curvature_batch", 1.5),
+        ("curvature_batch", True),
+        ("curvature_batch", 0.0),
+        ("fisher", "true"),
+        ("curvature_sample", "last"),
+        ("lm_epsilon", 0.5),
+        ("lm_boost", 0.9),
+        ("lm_drop", 1.5),
+        ("accept_threshold", 0.3),
+        ("accept_threshold", 0.0),
+        ("model_reduction", "exact"),
+        ("tau", 0.0),
+    ],
 )
 def test_invalid_values_name_the_argument(arg, value):
     with pytest.raises(ValueError, match=arg):

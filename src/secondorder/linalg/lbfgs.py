@@ -109,8 +109,14 @@ def lbfgs_drop_oldest(mem: CompactLBFGS) -> CompactLBFGS:
     """Forget the oldest pair (exact: deleting index 0 commutes with inverting ``R``)."""
     kept = _without_oldest(mem)
     return lbfgs_factors(
-        replace(kept, s=kept.s.clone(), y=kept.y.clone(), sty=kept.sty.clone(), r_inv=kept.r_inv.clone(),
-                yty=kept.yty.clone())
+        replace(
+            kept,
+            s=kept.s.clone(),
+            y=kept.y.clone(),
+            sty=kept.sty.clone(),
+            r_inv=kept.r_inv.clone(),
+            yty=kept.yty.clone(),
+        )
     )
 
 

@@ -150,7 +150,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         before any parameter or optimizer state changes. Counts one forward and one backward.
         """
         self.zero_grad(set_to_none=True)
-        with torch.enable_grad(), (record if record is not None else nullcontext({})) as recs:
+        with torch.enable_grad(), record if record is not None else nullcontext({}) as recs:
             result = closure.forward()
             self._check_loss(result.loss)
             result.loss.backward(retain_graph=retain_graph)

@@ -90,9 +90,16 @@ class HessianFree(LMOptimizer):
         seed: int | None = None,
     ):
         defaults = lm_hparams(
-            lr=lr, damping=damping, tau=tau, curvature_batch=curvature_batch,
-            curvature_sample=curvature_sample, weight_decay=weight_decay, lm_boost=lm_boost,
-            lm_drop=lm_drop, lm_epsilon=lm_epsilon, model_reduction=model_reduction,
+            lr=lr,
+            damping=damping,
+            tau=tau,
+            curvature_batch=curvature_batch,
+            curvature_sample=curvature_sample,
+            weight_decay=weight_decay,
+            lm_boost=lm_boost,
+            lm_drop=lm_drop,
+            lm_epsilon=lm_epsilon,
+            model_reduction=model_reduction,
             accept_threshold=accept_threshold,
         )
         defaults["cg_max_iters"] = H.count("cg_max_iters", cg_max_iters)
@@ -145,8 +152,11 @@ class HessianFree(LMOptimizer):
         def matvec(v: Tensor) -> Tensor:
             vs = v.split(sizes)
             jv = torch.autograd.grad(
-                [jt_w[i] for i in used], w, [vs[i].view_as(params[i]) for i in used],
-                retain_graph=True, allow_unused=True,
+                [jt_w[i] for i in used],
+                w,
+                [vs[i].view_as(params[i]) for i in used],
+                retain_graph=True,
+                allow_unused=True,
             )[0]  # J v (the R-op by double backward)
             if jv is None:
                 jv = torch.zeros_like(z)

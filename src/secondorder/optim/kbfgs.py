@@ -144,8 +144,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # minibatch gradient, alpha_k proportional to k^-beta
     "alg5": dict(skip_rule="dd-skip", a_inverse="exact", momentum=0.0, lr_decay_power=0.75),
     # Algorithm 10 (use with kbfgsl): D_P(I) D_LM, exact inverse of the minibatch A, no momentum
-    "alg10": dict(pair_damping="dpi-dlm", a_statistic="minibatch", a_inverse="exact", momentum=0.0,
-                  lr_decay_power=0.75),
+    "alg10": dict(
+        pair_damping="dpi-dlm", a_statistic="minibatch", a_inverse="exact", momentum=0.0, lr_decay_power=0.75
+    ),
     # Table 3.8 ablation of kbfgs: improvement #1 (D_P D_LM) off, improvement #2 (minibatch A) off
     "improvement1-off": dict(pair_damping="dd"),
     "improvement2-off": dict(a_statistic="moving-average"),
@@ -236,7 +237,10 @@ class _KBFGSBase(SecondOrderOptimizer):
         self.other_params = [n for n, p in self.named_params() if id(p) not in modeled]
         logger.info(
             "%s models %d layers (%s); %d other parameter tensors follow the momentum gradient",
-            self.method, len(self.layers), ", ".join(self.layers), len(self.other_params),
+            self.method,
+            len(self.layers),
+            ", ".join(self.layers),
+            len(self.other_params),
         )
 
     @staticmethod
@@ -619,8 +623,17 @@ class _KBFGSBase(SecondOrderOptimizer):
     def _diag(self, name: str) -> dict[str, Any]:
         return self.stats.diagnostics.setdefault("kbfgs", {}).setdefault(
             name,
-            dict(h_g_updates=0, h_g_skipped=0, h_a_updates=0, h_a_skipped=0, ratio_count=0, ratio_within=0,
-                 ratio_sum=0.0, ratio_fraction=0.0, ratio_mean=0.0),
+            dict(
+                h_g_updates=0,
+                h_g_skipped=0,
+                h_a_updates=0,
+                h_a_skipped=0,
+                ratio_count=0,
+                ratio_within=0,
+                ratio_sum=0.0,
+                ratio_fraction=0.0,
+                ratio_mean=0.0,
+            ),
         )
 
     def _count(self, name: str, key: str) -> None:
@@ -678,10 +691,22 @@ class KBFGS(_KBFGSBase):
         momentum_style: str = MomentumStyle.ACCUMULATE.value,
     ):
         self._setup(
-            model, lr=lr, damping=damping, momentum=momentum, stat_decay=stat_decay,
-            weight_decay=weight_decay, update_freq=update_freq, history_size=None, mu1=mu1,
-            pair_damping=pair_damping, a_statistic=a_statistic, a_inverse=a_inverse, skip_rule=skip_rule,
-            double_grad=double_grad, lr_decay_power=lr_decay_power, momentum_style=momentum_style,
+            model,
+            lr=lr,
+            damping=damping,
+            momentum=momentum,
+            stat_decay=stat_decay,
+            weight_decay=weight_decay,
+            update_freq=update_freq,
+            history_size=None,
+            mu1=mu1,
+            pair_damping=pair_damping,
+            a_statistic=a_statistic,
+            a_inverse=a_inverse,
+            skip_rule=skip_rule,
+            double_grad=double_grad,
+            lr_decay_power=lr_decay_power,
+            momentum_style=momentum_style,
         )
 
 
@@ -715,10 +740,22 @@ class KBFGSL(_KBFGSBase):
         momentum_style: str = MomentumStyle.ACCUMULATE.value,
     ):
         self._setup(
-            model, lr=lr, damping=damping, momentum=momentum, stat_decay=stat_decay,
-            weight_decay=weight_decay, update_freq=update_freq, history_size=history_size, mu1=mu1,
-            pair_damping=pair_damping, a_statistic=a_statistic, a_inverse=a_inverse, skip_rule=skip_rule,
-            double_grad=double_grad, lr_decay_power=lr_decay_power, momentum_style=momentum_style,
+            model,
+            lr=lr,
+            damping=damping,
+            momentum=momentum,
+            stat_decay=stat_decay,
+            weight_decay=weight_decay,
+            update_freq=update_freq,
+            history_size=history_size,
+            mu1=mu1,
+            pair_damping=pair_damping,
+            a_statistic=a_statistic,
+            a_inverse=a_inverse,
+            skip_rule=skip_rule,
+            double_grad=double_grad,
+            lr_decay_power=lr_decay_power,
+            momentum_style=momentum_style,
         )
 
 
@@ -752,10 +789,22 @@ class KBFGS20(_KBFGSBase):
         momentum_style: str = MomentumStyle.AVERAGE.value,
     ):
         self._setup(
-            model, lr=lr, damping=damping, momentum=momentum, stat_decay=stat_decay,
-            weight_decay=weight_decay, update_freq=update_freq, history_size=None, mu1=mu1,
-            pair_damping=pair_damping, a_statistic=a_statistic, a_inverse=a_inverse, skip_rule=skip_rule,
-            double_grad=double_grad, lr_decay_power=lr_decay_power, momentum_style=momentum_style,
+            model,
+            lr=lr,
+            damping=damping,
+            momentum=momentum,
+            stat_decay=stat_decay,
+            weight_decay=weight_decay,
+            update_freq=update_freq,
+            history_size=None,
+            mu1=mu1,
+            pair_damping=pair_damping,
+            a_statistic=a_statistic,
+            a_inverse=a_inverse,
+            skip_rule=skip_rule,
+            double_grad=double_grad,
+            lr_decay_power=lr_decay_power,
+            momentum_style=momentum_style,
         )
 
 
@@ -790,10 +839,22 @@ class KBFGSL20(_KBFGSBase):
         momentum_style: str = MomentumStyle.AVERAGE.value,
     ):
         self._setup(
-            model, lr=lr, damping=damping, momentum=momentum, stat_decay=stat_decay,
-            weight_decay=weight_decay, update_freq=update_freq, history_size=history_size, mu1=mu1,
-            pair_damping=pair_damping, a_statistic=a_statistic, a_inverse=a_inverse, skip_rule=skip_rule,
-            double_grad=double_grad, lr_decay_power=lr_decay_power, momentum_style=momentum_style,
+            model,
+            lr=lr,
+            damping=damping,
+            momentum=momentum,
+            stat_decay=stat_decay,
+            weight_decay=weight_decay,
+            update_freq=update_freq,
+            history_size=history_size,
+            mu1=mu1,
+            pair_damping=pair_damping,
+            a_statistic=a_statistic,
+            a_inverse=a_inverse,
+            skip_rule=skip_rule,
+            double_grad=double_grad,
+            lr_decay_power=lr_decay_power,
+            momentum_style=momentum_style,
         )
 
 

@@ -295,8 +295,12 @@ class LMOptimizer(SecondOrderOptimizer):
             self.lm_damping = rule.update(self.lm_damping, rho)
             self._commit(direction)
         self.stats.diagnostics.update(
-            rho=rho, damping=lam, lm_damping=self.lm_damping, predicted_reduction=predicted,
-            trial_loss=float(pair[1]), accepted=accepted,
+            rho=rho,
+            damping=lam,
+            lm_damping=self.lm_damping,
+            predicted_reduction=predicted,
+            trial_loss=float(pair[1]),
+            accepted=accepted,
         )
         return loss
 

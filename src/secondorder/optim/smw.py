@@ -195,7 +195,9 @@ class _SMW(LMOptimizer):
         self.capture = Capture(self.kron_layers)
         logger.info(
             "%s: Kronecker Gram for %d Linear layers (%s); explicit per-example rows for %s",
-            self.method, len(self.kron_layers), ", ".join(self.kron_layers) or "none",
+            self.method,
+            len(self.kron_layers),
+            ", ".join(self.kron_layers) or "none",
             ", ".join(n or "<root>" for n in self.blocks if n not in self.kron_layers) or "nothing",
         )
 
@@ -416,9 +418,16 @@ class SMWNG(_SMW):
         seed: int | None = None,
     ):
         defaults = lm_hparams(
-            lr=lr, damping=damping, tau=tau, curvature_batch=curvature_batch,
-            curvature_sample=curvature_sample, weight_decay=weight_decay, lm_boost=lm_boost,
-            lm_drop=lm_drop, lm_epsilon=lm_epsilon, model_reduction=model_reduction,
+            lr=lr,
+            damping=damping,
+            tau=tau,
+            curvature_batch=curvature_batch,
+            curvature_sample=curvature_sample,
+            weight_decay=weight_decay,
+            lm_boost=lm_boost,
+            lm_drop=lm_drop,
+            lm_epsilon=lm_epsilon,
+            model_reduction=model_reduction,
             accept_threshold=accept_threshold,
         )
         defaults["fisher"] = H.choice("fisher", fisher, Fisher)
@@ -461,9 +470,16 @@ class SMWGN(_SMW):
         seed: int | None = None,
     ):
         defaults = lm_hparams(
-            lr=lr, damping=damping, tau=tau, curvature_batch=curvature_batch,
-            curvature_sample=curvature_sample, weight_decay=weight_decay, lm_boost=lm_boost,
-            lm_drop=lm_drop, lm_epsilon=lm_epsilon, model_reduction=model_reduction,
+            lr=lr,
+            damping=damping,
+            tau=tau,
+            curvature_batch=curvature_batch,
+            curvature_sample=curvature_sample,
+            weight_decay=weight_decay,
+            lm_boost=lm_boost,
+            lm_drop=lm_drop,
+            lm_epsilon=lm_epsilon,
+            model_reduction=model_reduction,
             accept_threshold=accept_threshold,
         )
         super().__init__(model, defaults, seed=seed)
