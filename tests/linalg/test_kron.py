@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from secondorder.linalg import LinAlgError, damped_inverse, ema_gram_, gram, gram_
+from secondorder.linalg import LinAlgError, damped_eigh, damped_inverse, ema_gram_, gram, gram_
 from secondorder.linalg import kron as K
 
 
@@ -15,6 +15,40 @@ def test_damped_inverse_matches_the_dense_inverse() -> None:
     m = x @ x.t()  # PSD, rank 4
     expected = torch.linalg.inv(m + 0.1 * torch.eye(6, dtype=torch.float64))
     assert torch.allclose(damped_inverse(m, 0.1), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_damped_inverse_falls_back_to_the_clamped_eigendecomposition() -> None:
+    """An eigenvalue made negative by round-off (-1e-3) beats the damping (1e-4): Cholesky fails,
+    and the eigen path inverts ``max(lam, 0) + damping``."""
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=g))
+    lam = torch.tensor([-1e-3, 0.0, 0.5, 1.0, 2.0], dtype=torch.float64)
+    m = (q * lam) @ q.t()
+    assert int(torch.linalg.cholesky_ex(m + 1e-4 * torch.eye(5, dtype=torch.float64))[1]) != 0
+    expected = (q / (lam.clamp_min(0) + 1e-4)) @ q.t()
+    torch.testing.assert_close(damped_inverse(m, 1e-4), expected, rtol=1e-9, atol=1e-6)
+
+
+def test_damped_eigh_clamps_at_the_damping_and_retries_in_float64(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 3, generator=g)
+    m = x @ x.t()  # float32, rank 3: four eigenvalues at 0 (round-off either side)
+    evals, evecs = damped_eigh(m, 0.25)
+    assert evals.dtype == evecs.dtype == torch.float32
+    assert float(evals.min()) >= 0.25
+    torch.testing.assert_close((evecs * evals) @ evecs.t(), m + 0.25 * torch.eye(7), rtol=1e-5, atol=1e-5)
+    undamped, _ = damped_eigh(m, 0.0)
+    assert float(undamped.min()) >= 0.0
+    original = K._eigh
+    monkeypatch.setattr(K, "_eigh", lambda sym: (None, None) if sym.dtype == torch.float32 else original(sym))
+    retried, vecs = damped_eigh(m, 0.25)
+    assert retried.dtype == vecs.dtype == torch.float32
+    torch.testing.assert_close(retried, evals, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(K, "_eigh", lambda sym: (None, None))
+    with pytest.raises(LinAlgError, match="eigendecomposition"):
+        damped_eigh(m, 0.25)
+    with pytest.raises(LinAlgError, match="non-finite"):
+        damped_eigh(torch.full((2, 2), float("inf")), 0.25)
 
 
 def test_non_finite_factor_raises_our_error() -> None:

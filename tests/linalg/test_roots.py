@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from secondorder.linalg import roots
+from secondorder.linalg import kron, roots
 from secondorder.linalg.kron import LinAlgError
 from secondorder.linalg.roots import (
     coupled_newton,
@@ -119,15 +119,15 @@ def test_one_by_one_factor():
 
 def test_eigh_root_retries_in_float64_when_float32_lapack_fails(monkeypatch):
     g = spd(8, 1e3, seed=8, dtype=torch.float32)
-    original = roots._eigh
+    original = kron._eigh
 
     def fails_in_float32(sym):
         return (None, None) if sym.dtype == torch.float32 else original(sym)
 
-    monkeypatch.setattr(roots, "_eigh", fails_in_float32)
+    monkeypatch.setattr(kron, "_eigh", fails_in_float32)
     out = eigh_inverse_root(g, 4, 1e-2)
     assert out.dtype == torch.float32 and rel(out, numpy_root(g, 4, 1e-2)) < 1e-6
-    monkeypatch.setattr(roots, "_eigh", lambda sym: (None, None))
+    monkeypatch.setattr(kron, "_eigh", lambda sym: (None, None))
     with pytest.raises(LinAlgError, match="eigendecomposition"):
         eigh_inverse_root(g, 4, 1e-2)
 
@@ -136,13 +136,13 @@ def test_eigh_root_decomposes_the_damped_factor(monkeypatch):
     """LAPACK gets ``(G + G^T)/2 + damping I``; its eigenvalues are clamped at ``damping``."""
     g = spd(6, 10.0, seed=9)
     seen = []
-    original = roots._eigh
+    original = kron._eigh
 
     def recording(sym):
         seen.append(sym.clone())
         return original(sym)
 
-    monkeypatch.setattr(roots, "_eigh", recording)
+    monkeypatch.setattr(kron, "_eigh", recording)
     out = eigh_inverse_root(g, 4, 0.5)
     torch.testing.assert_close(seen[0], g + 0.5 * torch.eye(6, dtype=g.dtype))
     assert rel(out, numpy_root(g, 4, 0.5)) < 1e-12

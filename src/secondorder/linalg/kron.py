@@ -3,6 +3,8 @@
 * :func:`gram_`, :func:`gram`, :func:`ema_gram_` -- ``X^T X`` (and its moving average) with
   only the lower triangular blocks computed on the CPU.
 * :func:`damped_inverse` -- ``(M + damping I)^-1`` by Cholesky, with an eigenvalue fallback.
+* :func:`damped_eigh` -- the eigendecomposition of ``M + damping I`` (eigenvalues clamped at
+  ``damping``, float64 retry): the fallback of :func:`damped_inverse` and the eigh inverse roots.
 * :func:`pi_split` -- the trace-norm damping split of Algorithm 12 line 19,
   ``pi = sqrt((tr(Omega)/d_Omega) / (tr(Gamma)/d_Gamma))``.
 * :func:`kron_apply` -- ``(A (x) G)^-1``-style preconditioning of a matrix gradient:
@@ -11,12 +13,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import Tensor
 
 from .finite import finite
+
+logger = logging.getLogger(__name__)
 
 
 class LinAlgError(RuntimeError):
@@ -90,11 +95,54 @@ def ema_gram_(m: Tensor, x: Tensor, beta: float, scale: float = 1.0) -> Tensor:
     return gram_(m, x, beta, (1.0 - beta) * scale)
 
 
+def _eigh(sym: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """``torch.linalg.eigh``, or ``(None, None)`` when it fails or returns non-finite values."""
+    try:
+        evals, evecs = torch.linalg.eigh(sym)
+    except torch.linalg.LinAlgError:
+        return None, None
+    if not (finite(evals) and finite(evecs)):
+        return None, None
+    return evals, evecs
+
+
+def damped_eigh(m: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """Eigenvalues and eigenvectors of ``(M + M^T)/2 + damping I``, the eigenvalues clamped at ``damping``.
+
+    For ``damping >= 0`` the clamped eigenvalues are those of ``(M + M^T)/2`` clamped at 0 plus
+    ``damping`` (round-off can make a PSD factor's smallest eigenvalues slightly negative). The
+    damped matrix is decomposed rather than ``M``: a factor of low numerical rank (a moving
+    average of a few rank-one contractions, say) has a large cluster of eigenvalues at 0, on which
+    float32 LAPACK divide and conquer (``ssyevd``) can fail to converge; the shifted spectrum did
+    not on the factors where ``M`` failed (the MNIST autoencoder's). If float32 still fails, the
+    decomposition is retried in float64 (about twice the time) and returned in ``M``'s dtype.
+
+    Raises:
+        LinAlgError: non-finite ``M``, or the eigendecomposition failed in float64 too.
+    """
+    if not finite(m):
+        raise LinAlgError("factor has non-finite entries")
+    sym = 0.5 * (m + m.t())
+    if damping > 0:
+        sym.diagonal().add_(damping)
+    evals, evecs = _eigh(sym)
+    if evals is None and sym.dtype != torch.float64:
+        logger.debug("float32 eigh of a %dx%d factor failed; retrying in float64", m.shape[0], m.shape[0])
+        evals, evecs = _eigh(sym.double())
+        if evals is not None and evecs is not None:
+            evals, evecs = evals.to(m.dtype), evecs.to(m.dtype)
+    if evals is None or evecs is None:
+        raise LinAlgError(f"eigendecomposition of a {m.shape[0]}x{m.shape[0]} factor failed")
+    evals = evals.clamp_min(damping) if damping > 0 else evals.clamp_min(0) + damping
+    return evals, evecs
+
+
 def damped_inverse(m: Tensor, damping: float) -> Tensor:
     """``(M + damping I)^-1`` for a symmetric positive semi-definite ``M``.
 
     Uses a Cholesky factorisation; if that fails (round-off made ``M + damping I``
-    indefinite) the symmetrised eigen-decomposition with eigenvalues clamped at 0 is used.
+    indefinite) the eigendecomposition of :func:`damped_eigh` (eigenvalues clamped at ``damping``)
+    is used.
 
     Raises:
         LinAlgError: when ``M`` has non-finite entries, the eigendecomposition fails, or the
@@ -108,12 +156,8 @@ def damped_inverse(m: Tensor, damping: float) -> Tensor:
     if int(info) == 0:
         inv = torch.cholesky_inverse(chol)
     else:
-        sym = 0.5 * (m + m.t())
-        try:
-            evals, evecs = torch.linalg.eigh(sym)
-        except torch.linalg.LinAlgError as err:  # eigh did not converge (extremely ill-conditioned M)
-            raise LinAlgError(f"eigendecomposition of a {d}x{d} factor failed: {err}") from err
-        inv = (evecs / (evals.clamp_min(0) + damping)) @ evecs.t()
+        evals, evecs = damped_eigh(m, damping)
+        inv = (evecs / evals) @ evecs.t()
     if not finite(inv):
         raise LinAlgError(f"inverse of a {d}x{d} factor with damping {damping:g} is not finite")
     return inv

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .finite import finite
-from .kron import LinAlgError, damped_inverse, gram
+from .kron import LinAlgError, damped_eigh, damped_inverse, gram
 
 logger = logging.getLogger(__name__)
 
@@ -104,45 +104,17 @@ def coupled_newton(
     return NewtonResult(h, iters, err)
 
 
-def _eigh(sym: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """``torch.linalg.eigh``, or ``(None, None)`` when it fails or returns non-finite values."""
-    try:
-        evals, evecs = torch.linalg.eigh(sym)
-    except torch.linalg.LinAlgError:
-        return None, None
-    if not (finite(evals) and finite(evecs)):
-        return None, None
-    return evals, evecs
-
-
 def eigh_inverse_root(g: Tensor, p: float, damping: float = 0.0) -> Tensor:
     """``(G + damping I)^(-1/p)`` from the eigendecomposition of ``(G + G^T)/2`` (eigenvalues clamped at 0).
 
-    The damped matrix ``(G + G^T)/2 + damping I`` is decomposed and its eigenvalues are clamped at
-    ``damping`` -- the same as clamping ``G``'s at 0 and adding ``damping``. Decomposing the damped
-    matrix matters in float32: a factor of low numerical rank (a moving average of a few rank-one
-    bias contractions, say) has a large cluster of eigenvalues at 0, on which LAPACK's divide and
-    conquer (``ssyevd``) can fail to converge; the shifted spectrum does not (measured on the
-    MNIST autoencoder's factors), which spares the float64 retry (twice the time).
+    :func:`~secondorder.linalg.kron.damped_eigh` decomposes the damped matrix (float32 LAPACK
+    fails less often on it; float64 retry) and clamps its eigenvalues at ``damping``.
 
     Raises:
-        LinAlgError: non-finite input, or a non-positive damped eigenvalue.
+        LinAlgError: non-finite input, a failed eigendecomposition, or a non-positive damped
+            eigenvalue.
     """
-    if not finite(g):
-        raise LinAlgError("factor has non-finite entries")
-    sym = 0.5 * (g + g.t())
-    if damping > 0:
-        sym.diagonal().add_(damping)
-    evals, evecs = _eigh(sym)
-    if evals is None and sym.dtype != torch.float64:
-        # LAPACK divide and conquer can fail (or return NaN) in float32 on clustered spectra: retry in float64
-        logger.debug("float32 eigh of a %dx%d factor failed; retrying in float64", g.shape[0], g.shape[0])
-        evals, evecs = _eigh(sym.double())
-        if evals is not None:
-            evals, evecs = evals.to(g.dtype), evecs.to(g.dtype)
-    if evals is None or evecs is None:
-        raise LinAlgError(f"eigendecomposition of a {g.shape[0]}x{g.shape[0]} factor failed")
-    evals = evals.clamp_min(damping) if damping > 0 else evals.clamp_min(0) + damping
+    evals, evecs = damped_eigh(g, damping)
     if not bool((evals > 0).all()):
         raise LinAlgError("factor is singular and undamped; no inverse root")
     # Q diag(lam^(-1/p)) Q^T = X^T X with X = (Q diag(lam^(-1/(2p))))^T: a symmetric product
