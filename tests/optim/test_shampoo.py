@@ -9,7 +9,7 @@ from torch import nn
 import secondorder as so
 from secondorder.optim import shampoo as shampoo_module
 from secondorder.optim.shampoo import Shampoo
-from tests.helpers import tiny_mlp
+from tests.helpers import image_data, tiny_conv_bn, tiny_mlp
 from tests.optim.test_tnt import ORACLE_HP, dense_step, problem, true_and_sampled_grads
 
 LR, EPS = ORACLE_HP["lr"], ORACLE_HP["damping"]
@@ -102,3 +102,20 @@ def test_defaults_and_validation():
         Shampoo(tiny_mlp(), root_method="svd")
     with pytest.raises(ValueError, match="inverse_timing"):
         Shampoo(tiny_mlp(), inverse_timing="sometimes")
+
+
+@pytest.mark.parametrize("method", ["shampoo", "tnt-ef"])
+def test_channels_last_parameters_take_the_same_steps(method):
+    """A channels_last conv weight is not contiguous, so the update goes through the unfused path
+    (``p.add_`` of the formed direction) instead of one GEMM into ``p``: same parameters."""
+    x, y = image_data()
+    models = [tiny_conv_bn(), tiny_conv_bn().to(memory_format=torch.channels_last)]
+    assert not models[1][0].weight.is_contiguous()
+    hp = dict(lr=0.1, damping=0.1, update_freq=1, inverse_freq=1)
+    opts = [so.make_optimizer(method, m, **hp) for m in models]
+    for _ in range(3):
+        for m, opt in zip(models, opts, strict=True):
+            opt.step(so.Closure(m, x, y, nn.CrossEntropyLoss()))
+    assert not models[1][0].weight.is_contiguous()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
