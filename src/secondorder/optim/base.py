@@ -225,10 +225,15 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         return buf
 
     @staticmethod
-    def _apply_update(p: Tensor, direction: Tensor, lr: float, weight_decay: float) -> None:
-        """Decoupled weight decay and step: ``W <- W - lr (P + gamma W)`` (3.7.2, Alg. 15 line 19)."""
+    def _decay_weights(p: Tensor, lr: float, weight_decay: float) -> None:
+        """The decoupled weight decay part of ``W <- W - lr (P + gamma W)``: ``W <- (1 - lr gamma) W``."""
         if weight_decay != 0:
             p.mul_(1.0 - lr * weight_decay)
+
+    @classmethod
+    def _apply_update(cls, p: Tensor, direction: Tensor, lr: float, weight_decay: float) -> None:
+        """Decoupled weight decay and step: ``W <- W - lr (P + gamma W)`` (3.7.2, Alg. 15 line 19)."""
+        cls._decay_weights(p, lr, weight_decay)
         p.add_(direction, alpha=-lr)
 
     # -------------------------------------------------------------- state

@@ -300,8 +300,7 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
                 self._apply_update(p, m, lr, wd)
                 continue
             shape = self.views[name].shape
-            if wd != 0:
-                p.mul_(1.0 - lr * wd)
+            self._decay_weights(p, lr, wd)
             if p.is_contiguous():  # W <- W - alpha p without forming p (one GEMM for a matrix)
                 add_multi_mode_product_(p.view(shape), m.reshape(shape), precond, -lr)
             else:
