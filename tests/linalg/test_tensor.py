@@ -192,6 +192,19 @@ def test_add_multi_mode_product_accumulates_the_kronecker_product(shape, diagona
     torch.testing.assert_close(vec(out), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_add_multi_mode_product_checks_the_output_shape():
-    with pytest.raises(ValueError, match="out: expected shape"):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_add_multi_mode_product_with_rectangular_factors(shape):
+    """``U_i`` of shape ``(d_i + 1, d_i)``: ``out`` has the product's shape, not ``A``'s."""
+    g = rand(*shape, seed=7)
+    us = [rand(d + 1, d, seed=60 + i) for i, d in enumerate(shape)]
+    out = rand(*[d + 1 for d in shape], seed=8)
+    expected = vec(out) + 2.0 * (kron_dense(us) @ vec(g))
+    add_multi_mode_product_(out, g, us, 2.0)
+    torch.testing.assert_close(vec(out), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_add_multi_mode_product_checks_the_output_shape_and_the_factor_count():
+    with pytest.raises(ValueError, match=r"out: expected shape \(4, 3\)"):
         add_multi_mode_product_(torch.zeros(3, 4), torch.zeros(4, 3), [torch.eye(4), torch.eye(3)])
+    with pytest.raises(ValueError, match="factors: expected 2 factors"):
+        add_multi_mode_product_(torch.zeros(4, 3), torch.zeros(4, 3), [torch.eye(4)])

@@ -79,16 +79,23 @@ def multi_mode_product(a: Tensor, factors: Sequence[Tensor]) -> Tensor:
 
 
 def add_multi_mode_product_(out: Tensor, a: Tensor, factors: Sequence[Tensor], alpha: float = 1.0) -> Tensor:
-    """In place: ``out <- out + alpha (A x_1 U_1 ... x_k U_k)``; returns ``out`` (shape of ``A``).
+    """In place: ``out <- out + alpha (A x_1 U_1 ... x_k U_k)``; returns ``out``.
 
-    The preconditioned update ``W <- W - alpha p`` of Algorithms 15-16 (lines 18-19) without
-    forming ``p`` for dense matrices and vectors: ``out += alpha (U_1 A) U_2^T`` is one GEMM
-    accumulating into ``out``, ``out += alpha U_1 a`` one GEMV; other tensors go through
-    :func:`multi_mode_product`.
+    The preconditioned update without forming ``p``: Algorithm 15 lines 18-20 and Algorithm 16
+    lines 14-16, ``W <- W - alpha p`` with ``p = m x_1 K_1 ... x_k K_k`` (the weight decay is
+    applied to ``W`` separately). For dense matrices ``out += alpha (U_1 A) U_2^T`` is one GEMM
+    accumulating into ``out``, for vectors ``out += alpha U_1 a`` one GEMV; other tensors go
+    through :func:`multi_mode_product`. ``out`` has the product's shape (``d'_i`` where ``U_i``
+    is ``(d'_i, d_i)``).
     """
-    if out.shape != a.shape:
-        raise ValueError(f"out: expected shape {tuple(a.shape)}, got {tuple(out.shape)}")
-    if all(u.dim() == 2 for u in factors) and len(factors) == a.dim():
+    if len(factors) != a.dim():
+        raise ValueError(
+            f"factors: expected {a.dim()} factors for a tensor of shape {tuple(a.shape)}, got {len(factors)}"
+        )
+    expected = tuple(u.shape[0] if u.dim() == 2 else d for u, d in zip(factors, a.shape, strict=True))
+    if tuple(out.shape) != expected:
+        raise ValueError(f"out: expected shape {expected}, got {tuple(out.shape)}")
+    if all(u.dim() == 2 for u in factors):
         if a.dim() == 2:
             return out.addmm_(factors[0] @ a, factors[1].t(), alpha=alpha)
         if a.dim() == 1:
@@ -101,7 +108,7 @@ def contraction(a: Tensor, mode: int) -> Tensor:
     if a.dim() == 1:
         return torch.outer(a, a)
     if a.dim() == 2:
-        return gram(a.t()) if mode == 0 else gram(a)  # symmetric: lower blocks only (kron.gram_)
+        return gram(a.t()) if mode == 0 else gram(a)  # symmetric: lower triangle only (kron.gram_)
     return gram(matricize(a, mode).t())
 
 
