@@ -1,7 +1,7 @@
 """Kronecker-factor algebra shared by KFAC-type methods (pure tensor functions).
 
 * :func:`gram_`, :func:`gram`, :func:`ema_gram_` -- ``X^T X`` (and its moving average) with
-  only the lower triangular blocks computed on the CPU.
+  only the lower triangle computed on the CPU (row panels, then mirrored).
 * :func:`damped_inverse` -- ``(M + damping I)^-1`` by Cholesky, with an eigenvalue fallback.
 * :func:`damped_eigh` -- the eigendecomposition of ``M + damping I`` (eigenvalues clamped at
   ``damping``, float64 retry): the fallback of :func:`damped_inverse` and the eigh inverse roots.
