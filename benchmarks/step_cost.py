@@ -124,12 +124,20 @@ def main() -> None:
         "--warmup", type=int, default=25, help="untimed steps (past the first T2 steps of frequent inverses)"
     )
     parser.add_argument(
-        "--block", type=int, default=20, help="steps per turn of SGD-m and the method (whole T2 cycles)"
+        "--block",
+        type=int,
+        default=20,
+        help="steps per turn of SGD-m and the method (a multiple of T2 = 20 amortises the inverses)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args()
+    for name in ("steps", "block"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
     available = set(so.implemented())
