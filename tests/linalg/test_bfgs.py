@@ -257,3 +257,73 @@ def test_gram_action_is_the_dense_product(homogeneous):
     assert torch.allclose(B.gram_action(x, v, 1 / 3.0, homogeneous), dense @ v, rtol=1e-12)
     s, y = B.hessian_action_pair(torch.eye(rows.shape[1], dtype=F64), v, lambda u: dense @ u, 0.5)
     assert torch.equal(s, v) and torch.allclose(y, dense @ v + 0.5 * v)
+
+
+# ------------------------------------------------------------------- pair normalisation
+DAMPINGS = {
+    "dp-dlm": lambda s, y, h, mu1, mu2: B.dp_dlm(s, y, h @ y, mu1, mu2),
+    "dd": lambda s, y, h, mu1, mu2: B.double_damping(s, y, h @ y, mu1, mu2),
+    "dpi-dlm": lambda s, y, h, mu1, mu2: B.dpi_dlm(s, y, mu1, mu2),
+}
+
+
+def _pair(kind):
+    gen = torch.Generator().manual_seed(11)
+    s = torch.randn(6, generator=gen, dtype=F64)
+    noise = torch.randn(6, generator=gen, dtype=F64)
+    y = spd(6, gen) @ s if kind == "positive" else -0.3 * s + 0.2 * noise  # s^T y < 0: Powell damps
+    return s, y, spd(6, gen, 2.0)
+
+
+def _damped_bfgs(s, y, h, rule, normalize):
+    if normalize:
+        s, y = B.normalize_pair(s, y)
+    s_t, y_t = DAMPINGS[rule](s, y, h, 0.2, 0.5)
+    return B.bfgs_update(h, s_t, y_t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("exponent", [-20, -12, -6, 0, 6, 12, 20])
+@pytest.mark.parametrize("rule", sorted(DAMPINGS))
+@pytest.mark.parametrize("kind", ["positive", "negative"])
+def test_damped_bfgs_of_a_normalised_pair_at_any_scale_equals_scale_one(dtype, exponent, rule, kind):
+    s, y, h = _pair(kind)
+    reference = _damped_bfgs(s, y, h, rule, normalize=False)  # float64, scale 1
+    c = 10.0**exponent
+    got = _damped_bfgs((c * s).to(dtype), (c * y).to(dtype), h.to(dtype), rule, normalize=True)
+    assert bool(torch.isfinite(got).all())
+    rtol = 2e-5 if dtype == torch.float32 else 1e-12
+    assert close(got.double(), reference, rtol=rtol)
+
+
+@pytest.mark.parametrize("exponent", [-20, 20])
+def test_without_normalisation_float32_pairs_far_from_scale_one_break_bfgs(exponent):
+    """What the normalisation is for: rho^2 or s^T y leaves float32's range (the ResNet32 NaN)."""
+    s, y, h = _pair("positive")
+    c = 10.0**exponent
+    raw = _damped_bfgs((c * s).float(), (c * y).float(), h.float(), "dp-dlm", normalize=False)
+    assert not bool(torch.isfinite(raw).all())
+
+
+def test_normalisation_changes_no_digit_of_the_update():
+    """A power-of-two factor is exact: the normalised update is bit-for-bit the plain one at scale 1."""
+    gen = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, F64):
+        for _ in range(20):
+            s = torch.randn(9, generator=gen, dtype=F64).to(dtype)
+            y = (torch.randn(9, generator=gen, dtype=F64) * 3 + s).to(dtype)
+            h = spd(9, gen).to(dtype)
+            plain = _damped_bfgs(s, y, h, "dp-dlm", normalize=False)
+            c = B.pair_scale(s, y)
+            assert float(c) == 2.0 ** round(math.log2(float(c)))
+            assert torch.equal(_damped_bfgs(s, y, h, "dp-dlm", normalize=True), plain)
+            sn, yn = B.normalize_pair(s, y)
+            assert 0.25 <= float(sn.abs().max() * yn.abs().max()) < 2.0
+
+
+def test_pair_scale_of_zero_and_extreme_vectors_is_finite():
+    zero = torch.zeros(3)
+    assert float(B.pair_scale(zero, zero)) == 1.0
+    tiny = torch.full((3,), 1e-44)  # float32 subnormals
+    c = B.pair_scale(tiny, tiny)
+    assert bool(torch.isfinite(c)) and float(c) > 1e30

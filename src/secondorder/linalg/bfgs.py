@@ -13,15 +13,23 @@ Pure tensor functions, float32 or float64, on vectors of length ``d`` and ``d x 
 * :func:`code_skip_reason` -- the skip rules of the chapter-2 code (REFERENCE_NOTES §1, §11.2).
 * :func:`hessian_action_pair`, :func:`gram_action` -- "Hessian-action" BFGS pairs for ``A``
   (2.4 and the minibatched form (3.14)-(3.15)).
+* :func:`normalize_pair` -- ``(c s, c y)`` with ``c`` a power of two that balances the pair, so
+  that the dot products above neither overflow nor underflow.
 
 The damping functions take ``hy = H y`` instead of ``H`` so that they serve a dense ``H`` and an
 L-BFGS operator alike; they are branch-free (``torch.where``), so they need no host sync.
 All of DD, ``D_P D_LM``, ``D_P(I) D_LM`` and BFGS are invariant to ``(s, y) -> (c s, c y)``
-for ``c != 0`` (REFERENCE_NOTES §12.8); the chapter-2 norm gate is not.
+for ``c != 0``; the chapter-2 norm gate is invariant to the pair's scale but not to the
+gradient's. The formulas themselves are not safe at every scale: BFGS squares ``rho = 1/s^T y``,
+which overflows float32 once ``s^T y < 5e-20``, and the dot products underflow for pairs below
+about ``1e-19``. Callers therefore pass pairs through :func:`normalize_pair` first; because its
+factor is a power of two, the normalised computation gives bit-for-bit the same ``H+`` wherever
+the unnormalised one neither overflows nor underflows.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -61,8 +69,39 @@ def bfgs_update_(h: Tensor, s: Tensor, y: Tensor, hy: Tensor | None = None) -> T
 
 
 def bfgs_update(h: Tensor, s: Tensor, y: Tensor, hy: Tensor | None = None) -> Tensor:
-    """The BFGS inverse update (2.6)/(3.11) as a new matrix (see :func:`bfgs_update_`)."""
+    """The BFGS inverse update (2.6)/(3.11) as a new matrix (see :func:`bfgs_update_`).
+
+    ``h`` is left unchanged, so a caller can check the result before replacing ``h`` with it.
+    """
     return bfgs_update_(h.clone(), s, y, hy)
+
+
+def pair_scale(s: Tensor, y: Tensor) -> Tensor:
+    """A power of two ``c`` (0-d tensor) with ``max|c s| max|c y|`` in ``[1/4, 2)``.
+
+    ``c = 2^-e`` with ``e = floor((e_s + e_y) / 2)``, where ``max|s| = f_s 2^e_s`` and
+    ``max|y| = f_y 2^e_y`` with ``f`` in ``[1/2, 1)`` (``frexp``); ``e`` is clamped so that ``c``
+    itself is finite. Multiplying by a power of two is exact unless it overflows or underflows,
+    so :func:`normalize_pair` changes no digit of a pair. A zero vector has exponent 0.
+    Branch-free (no host synchronisation).
+    """
+    _, e_s = torch.frexp(s.abs().amax())
+    _, e_y = torch.frexp(y.abs().amax())
+    limit = math.frexp(torch.finfo(s.dtype).max)[1] - 2
+    e = torch.div(e_s + e_y, 2, rounding_mode="floor").clamp_(-limit, limit)
+    return torch.ldexp(torch.ones((), dtype=s.dtype, device=s.device), -e)
+
+
+def normalize_pair(s: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(c s, c y)`` with ``c`` = :func:`pair_scale`: the same pair for every damping and BFGS.
+
+    A pair of any scale between about ``1e-30`` and ``1e30`` (float32) comes out with
+    ``max|s| max|y|`` near 1, so ``s^T y``, ``y^T H y`` and ``rho^2`` stay in range (as long as ``H``
+    itself is moderate); the damped BFGS update of the normalised pair equals the update of the
+    pair at scale 1.
+    """
+    c = pair_scale(s, y)
+    return s * c, y * c
 
 
 def broyden_update(h: Tensor, s: Tensor, y: Tensor, phi: float) -> Tensor:
