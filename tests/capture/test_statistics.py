@@ -35,6 +35,9 @@ def test_conv_statistics_equal_dense_im2col(bias, stride, padding, dilation):
     torch.testing.assert_close(S.input_gram(conv, a, chunk_elements=1), gram, **tight)
     torch.testing.assert_close(S.input_mean(conv, a, tuple(h.shape[2:])), rows.mean(0), **tight)
     torch.testing.assert_close(S.spatial_mean(conv, h), C.output_rows(conv, h).mean(0), **tight)
+    torch.testing.assert_close(S.spatial_abs_mean(conv, h), C.output_rows(conv, h).abs().mean(0), **tight)
+    channels_last = h.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(S.spatial_abs_mean(conv, channels_last), S.spatial_abs_mean(conv, h), **tight)
     assert S.conv_kwargs(conv)["padding"] == C.conv_padding(conv)
 
 
@@ -52,5 +55,6 @@ def test_linear_statistics_count_extra_dimensions_as_locations(bias):
     torch.testing.assert_close(S.input_gram(lin, a), gram)
     torch.testing.assert_close(S.input_mean(lin, a, ()), rows.mean(0))
     torch.testing.assert_close(S.spatial_mean(lin, h), h.reshape(-1, 2).mean(0))
+    torch.testing.assert_close(S.spatial_abs_mean(lin, h), h.reshape(-1, 2).abs().mean(0))
     plain = torch.randn(6, 3, dtype=F64)
     torch.testing.assert_close(S.spatial_mean(lin, lin(plain).detach()), lin(plain).detach().mean(0))

@@ -6,6 +6,8 @@ the patch of example ``n`` at output location ``t`` (the homogeneous 1 appended 
 has a bias; ``t`` ranges over one location for a plain FC layer):
 
 * :func:`spatial_mean` -- the mean over examples and locations of ``h`` or ``dL/dh``, ``(d_o,)``;
+* :func:`spatial_abs_mean` -- the same mean of ``|h|`` or ``|dL/dh|``: the scale of the rounding
+  error in :func:`spatial_mean`;
 * :func:`input_mean` -- ``abar``, the mean over examples and locations of the patches, ``(D,)``;
 * :func:`input_action` -- ``A v`` with ``A = (1/m) sum_{n,t} abar_{n,t} abar_{n,t}^T`` (thesis
   (3.14)-(3.15)), without forming ``A`` or im2col;
@@ -41,6 +43,19 @@ def spatial_mean(module: C.Modeled, h: Tensor) -> Tensor:
         return h.sum((0, 2, 3)).div_(h.numel() // h.shape[1])
     rows = h.reshape(-1, h.shape[-1])
     return rows.sum(0).div_(rows.shape[0])
+
+
+def spatial_abs_mean(module: C.Modeled, h: Tensor) -> Tensor:
+    """The mean over examples and locations of ``|h|`` (or ``|dL/dh|``): ``(d_o,)``.
+
+    The rounding error of :func:`spatial_mean` in component ``c`` is at most a small multiple of
+    the unit round-off times this mean (the sum of the magnitudes it adds up, over the count), so
+    a difference of two spatial means below that level carries no information.
+    """
+    if isinstance(module, nn.Conv2d):
+        return torch.linalg.vector_norm(h, 1, dim=(0, 2, 3)).div_(h.numel() // h.shape[1])
+    rows = h.reshape(-1, h.shape[-1])
+    return torch.linalg.vector_norm(rows, 1, dim=0).div_(rows.shape[0])
 
 
 def input_mean(module: C.Modeled, a: Tensor, out_hw: tuple[int, ...]) -> Tensor:
