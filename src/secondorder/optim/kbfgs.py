@@ -66,7 +66,11 @@ Implementation choices (REFERENCE_NOTES §2 items marked [inferred] are marked h
   batch's ``A`` (the warm start on one batch).
 * the chapter-2 moving average of ``A`` is updated at every curvature step including the first
   (Alg. 4 line 20); the published code skips the first update after a warm start.
-* a BFGS update whose scalars or vectors are not finite is skipped (counted as skipped).
+* every pair goes through :func:`~secondorder.linalg.bfgs.normalize_pair` (a power-of-two
+  factor, exact) before damping and BFGS, so pairs far from scale 1 neither overflow nor
+  underflow float32; a BFGS, L-BFGS or exact-inverse update whose inputs or result are not finite
+  leaves the previous ``H_A`` / ``H_G`` / memory / moving-average ``A`` in place, is counted
+  (``*_nonfinite``) and logged (a warning per layer), and training continues.
 * non-finite values in the second pass (after the parameters moved) restore the parameters,
   the momentum and the curvature state as they were before the step, then raise
   :class:`NonFiniteError`.
@@ -74,11 +78,36 @@ Implementation choices (REFERENCE_NOTES §2 items marked [inferred] are marked h
   averaged over ranks (every statistic is a mean over examples); the ``O(d^2)`` rank-2 BFGS
   updates are replicated on every rank, which is cheaper than broadcasting their results.
 
+Pairs that carry no information (the round-off rule). ``y_G`` is a moving average of
+differences of the mean output gradients ``Dhbar``, ``Dhbar+``. For a layer followed by BatchNorm
+in training mode these means are exactly zero in every channel, and what is computed is the
+rounding error of the BatchNorm backward and of the mean itself, a small multiple of ``u E|g|``
+(``u = torch.finfo(dtype).eps``, ``E|g|`` the mean of ``|g_n|`` over examples and locations,
+:func:`~secondorder.capture.statistics.spatial_abs_mean`). The optimizer keeps, per channel,
+moving averages (same ``beta`` as ``y_G``) ``b_y`` of ``|Dhbar+| + |Dhbar|`` (``|y_G| <= b_y``)
+and ``r_y`` of ``E|g+| + E|g|``, and skips the ``H_G`` update when
+
+    ``b_y <= tau u r_y`` in every channel,
+
+``tau =`` :data:`ROUNDOFF_FACTOR` (4096: ``4.9e-4`` in float32, ``9.1e-13`` in float64).
+Counted in ``h_g_uninformative`` (and ``h_g_skipped``); the first skip of a layer is logged
+(INFO). Measured ``b_y / (u r_y)`` (largest channel): BatchNorm-fed layers of ResNet32 at most
+1 (contiguous) and 80 (``channels_last``, batch 128; 164 at batch 512: the reductions run in
+another order); layers that are not, over 700 steps of every K-BFGS row on CURVES and the
+heads of the CNNs, at least 1.6e5 -- a mean over a batch carries sampling noise far above
+round-off. Without the rule Powell's damping turns the noise into ``s~ ~ H y`` and BFGS divides
+by ``s~^T y~ ~ 1e-20`` (float32: NaN; float64: an ``H_G`` that depends on the memory layout).
+In exact arithmetic ``y_G = 0`` leaves Algorithm 9's ``H_G`` where it starts:
+``D_P D_LM(s, 0) = (s, lambda_G s)``, and BFGS with that pair maps ``I / lambda_G`` to itself,
+so skipping is the exact algorithm there. (Algorithm 4's DD would set the curvature along ``s``
+to ``lambda_G`` from the damping alone; the pair still says nothing about ``G`` and is skipped.)
+
 Diagnostics (Fig. 2.1), in ``opt.stats.diagnostics["kbfgs"][layer]``: ``updates``/``skipped``
-for ``H_G`` and ``H_A``, and for the damped pair ``ratio = y~^T H_G y~ / s~^T y~`` (``H_G``
-before the update): ``ratio_count``, ``ratio_within`` (``ratio <= 2/mu1``), ``ratio_sum``,
-``ratio_fraction`` and ``ratio_mean``. Counters are cumulative; clear the dict at the start
-of an epoch for per-epoch values.
+for ``H_G`` and ``H_A`` (``skipped`` includes ``h_g_uninformative`` and ``*_nonfinite``), and
+for the damped pair ``ratio = y~^T H_G y~ / s~^T y~`` (``H_G`` before the update):
+``ratio_count``, ``ratio_within`` (``ratio <= 2/mu1``), ``ratio_sum``, ``ratio_fraction`` and
+``ratio_mean``. Counters are cumulative; clear the dict at the start of an epoch for per-epoch
+values.
 """
 
 from __future__ import annotations
@@ -97,14 +126,19 @@ from .. import distributed as D
 from ..capture import Capture, Closure, preserved_norm_buffers, supported_modules
 from ..capture import hooks as C
 from ..capture import statistics as S
+from ..linalg import LinAlgError, damped_inverse
 from ..linalg import bfgs as B
-from ..linalg import damped_inverse
 from ..linalg import lbfgs as LB
 from ..linalg.finite import all_finite
 from . import hparams as H
 from .base import MomentumStyle, NonFiniteError, SecondOrderOptimizer
 
 logger = logging.getLogger(__name__)
+
+#: tau of the round-off rule: a pair whose mean output gradients are within ``tau * eps`` of the
+#: magnitudes they add up, in every channel, carries no information and is skipped (module
+#: docstring). 0 switches the rule off (only exactly zero means are skipped).
+ROUNDOFF_FACTOR = 4096.0
 
 
 class PairDamping(str, enum.Enum):
@@ -163,6 +197,18 @@ def damping_split(damping: float, locations: int) -> tuple[float, float]:
     return t * root, root / t
 
 
+def uninformative(bound: Tensor, scale: Tensor, factor: float | None = None) -> bool:
+    """The round-off rule (module docstring): ``bound <= factor * eps * scale`` in every channel.
+
+    Args:
+        bound: ``b_y``, the moving average of ``|Dhbar+| + |Dhbar|`` (it bounds ``|y_G|``).
+        scale: ``r_y``, the moving average of ``E|g+| + E|g|``, the magnitudes the means add up.
+        factor: ``tau`` (default :data:`ROUNDOFF_FACTOR`).
+    """
+    tau = ROUNDOFF_FACTOR if factor is None else factor
+    return bool((bound <= scale * (tau * torch.finfo(bound.dtype).eps)).all())
+
+
 @dataclass
 class _Pass1:
     """What pass 1 gives one layer on a curvature step."""
@@ -173,6 +219,19 @@ class _Pass1:
     h_mean: Tensor  # hbar, (d_o,)
     g_mean: Tensor  # Dhbar = mean of g_n, (d_o,)
     a_mean: Tensor  # abar, (D,)
+    g_abs: Tensor  # E|g_n|, the round-off scale of Dhbar, (d_o,)
+
+
+@dataclass
+class _Pass2:
+    """What the second pass (at theta_{k+1}) gives one layer."""
+
+    h_mean: Tensor  # hbar+
+    g_mean: Tensor  # Dhbar+
+    g_abs: Tensor  # E|g+|
+
+    def tensors(self) -> list[Tensor]:
+        return [self.h_mean, self.g_mean, self.g_abs]
 
 
 # ------------------------------------------------------------------------------ optimizer
@@ -233,6 +292,7 @@ class _KBFGSBase(SecondOrderOptimizer):
         super().__init__(model, defaults)
         self.layers = supported_modules(self.module)
         self.capture = Capture(self.layers)
+        self._logged: set[tuple[str, str]] = set()  # (layer, event) already logged once
         modeled = {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
         self.other_params = [n for n, p in self.named_params() if id(p) not in modeled]
         logger.info(
@@ -278,6 +338,8 @@ class _KBFGSBase(SecondOrderOptimizer):
             st["h_g"] = torch.eye(d_o, dtype=w.dtype, device=w.device).mul_(gamma)
         st["s_g"] = w.new_zeros(d_o)
         st["y_g"] = w.new_zeros(d_o)
+        st["y_g_bound"] = w.new_zeros(d_o)  # b_y of the round-off rule
+        st["y_g_scale"] = w.new_zeros(d_o)  # r_y
 
     def _initial_gamma(self, lam_g: float) -> float:
         """``H_G`` starts at ``gamma I``: ``1/lambda_G`` (Alg. 9 line 3) or 1 (Alg. 4 line 3)."""
@@ -382,16 +444,18 @@ class _KBFGSBase(SecondOrderOptimizer):
                 h_mean=S.spatial_mean(module, h),
                 g_mean=S.spatial_mean(module, rec.output_grads).mul_(factor),
                 a_mean=S.input_mean(module, rec.inputs, out_hw),
+                g_abs=S.spatial_abs_mean(module, rec.output_grads).mul_(abs(factor)),
             )
-        vecs = [v for p1 in out.values() for v in (p1.h_mean, p1.g_mean, p1.a_mean)]
+        vecs = [v for p1 in out.values() for v in (p1.h_mean, p1.g_mean, p1.a_mean, p1.g_abs)]
         D.all_reduce_mean(vecs)
         self._check_tensors("pass-1 statistics", vecs)
         return out
 
     def _second_pass(
         self, closure: Closure, with_param_grads: bool
-    ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[Tensor, Tensor] | None]:
-        """Alg. 9 line 13: ``(hbar+, Dhbar+)`` per layer at the new parameters, same batch.
+    ) -> tuple[dict[str, _Pass2], dict[Tensor, Tensor] | None]:
+        """Alg. 9 line 13: ``(hbar+, Dhbar+)`` (and their round-off scales) per layer at the new
+        parameters, same batch.
 
         BatchNorm running statistics are restored afterwards, DDP does not synchronise, and only
         the pre-activations are differentiated (plus the parameters for ``double_grad``).
@@ -406,12 +470,17 @@ class _KBFGSBase(SecondOrderOptimizer):
             grads = closure.grad(result.loss, hs + params)  # type: ignore[operator]
             self.stats.backward_passes += 1
         factor = closure.batch_factor
-        out: dict[str, tuple[Tensor, Tensor]] = {}
+        out: dict[str, _Pass2] = {}
         for (name, module), h, dh in zip(self.layers.items(), hs, grads, strict=False):
             if dh is None:
                 raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
-            out[name] = (S.spatial_mean(module, h.detach()), S.spatial_mean(module, dh).mul_(factor))
-        vecs = [v for pair in out.values() for v in pair]
+            h = h.detach()
+            out[name] = _Pass2(
+                h_mean=S.spatial_mean(module, h),
+                g_mean=S.spatial_mean(module, dh).mul_(factor),
+                g_abs=S.spatial_abs_mean(module, dh).mul_(abs(factor)),
+            )
+        vecs = [v for p2 in out.values() for v in p2.tensors()]
         D.all_reduce_mean(vecs)
         self._check_tensors("second-pass statistics", vecs)
         pass2 = None
@@ -490,12 +559,12 @@ class _KBFGSBase(SecondOrderOptimizer):
 
     # ---------------------------------------------------------------- curvature
     def _update_curvature(
-        self, g: dict[str, Any], first: dict[str, _Pass1], second: dict[str, tuple[Tensor, Tensor]]
+        self, g: dict[str, Any], first: dict[str, _Pass1], second: dict[str, _Pass2]
     ) -> None:
         products = self._a_side_products(g, first)
         for name in self.layers:
             self._update_h_a(g, name, first[name], *products[name])
-            self._update_h_g(g, name, first[name], *second[name])
+            self._update_h_g(g, name, first[name], second[name])
 
     def _a_side_products(
         self, g: dict[str, Any], first: dict[str, _Pass1]
@@ -526,15 +595,21 @@ class _KBFGSBase(SecondOrderOptimizer):
         """
         st = self.module_state[name]
         lam_a, _ = damping_split(g["damping"], st["locations"])
-        moving = g["a_statistic"] == AStatistic.MOVING_AVERAGE.value
-        if moving:
+        if g["a_statistic"] == AStatistic.MOVING_AVERAGE.value:
             beta = g["stat_decay"]
-            st["a_avg"].mul_(beta).add_(batch, alpha=1.0 - beta)
-            a_est = st["a_avg"]
+            a_est = st["a_avg"].mul(beta).add_(batch, alpha=1.0 - beta)
+            if not all_finite([a_est]):  # a float32 Gram that overflowed: keep A and H_A
+                self._nonfinite(name, "h_a", "the moving average of A is not finite")
+                return
+            st["a_avg"] = a_est
         else:
             a_est = batch
         if g["a_inverse"] == AInverse.EXACT.value:
-            st["h_a"] = damped_inverse(a_est, lam_a)
+            try:
+                st["h_a"] = damped_inverse(a_est, lam_a)
+            except LinAlgError as err:
+                self._nonfinite(name, "h_a", str(err))
+                return
             self._count(name, "h_a_updates")
             return
         h_a = st["h_a"]
@@ -542,21 +617,42 @@ class _KBFGSBase(SecondOrderOptimizer):
             s_a, y_a = B.hessian_action_pair(h_a, p1.a_mean, lambda v: torch.mv(a_est, v), lam_a)
         else:  # (3.14): s_A = H_A abar, y_A = A~ s_A + lambda_A s_A (A~ s_A computed above)
             y_a = batch.add(s_a, alpha=lam_a)
+        if not all_finite([s_a, y_a]):  # e.g. A~ s_A overflowed float32
+            self._nonfinite(name, "h_a", "the Hessian-action pair (s_A, y_A) is not finite")
+            return
+        s_a, y_a = B.normalize_pair(s_a, y_a)
         if g["skip_rule"] == SkipRule.CODE.value:
             reason = B.code_skip_reason(s_a, y_a, p1.a_mean.norm())
         else:
             reason = None if B.positive_curvature(s_a, y_a) else "s^T y <= 0"
-        self._bfgs_dense(name, "h_a", s_a, y_a, None, reason, g["skip_rule"])
+        self._bfgs_dense(name, "h_a", s_a, y_a, None, reason)
 
-    def _update_h_g(self, g: dict[str, Any], name: str, p1: _Pass1, h_plus: Tensor, g_plus: Tensor) -> None:
+    def _update_h_g(self, g: dict[str, Any], name: str, p1: _Pass1, p2: _Pass2) -> None:
         """Alg. 9 lines 19-21 / Alg. 4 lines 16-18 / Alg. 5 lines 15-19 / Alg. 10 lines 14-16."""
         st = self.module_state[name]
         _, lam_g = damping_split(g["damping"], st["locations"])
         beta, mu1 = g["stat_decay"], g["mu1"]
         # (3.12)-(3.13) with moving averages: s_G <- beta s_G + (1 - beta)(hbar+ - hbar), same for y_G
-        s = st["s_g"].mul(beta).add_(h_plus - p1.h_mean, alpha=1.0 - beta)
-        y = st["y_g"].mul(beta).add_(g_plus - p1.g_mean, alpha=1.0 - beta)
-        st["s_g"], st["y_g"] = s, y
+        s = st["s_g"].mul(beta).add_(p2.h_mean - p1.h_mean, alpha=1.0 - beta)
+        y = st["y_g"].mul(beta).add_(p2.g_mean - p1.g_mean, alpha=1.0 - beta)
+        # the round-off rule's b_y and r_y (checkpoints from before the rule lack them: start at 0)
+        b_y = st.get("y_g_bound", torch.zeros_like(y)).mul(beta)
+        b_y.add_(p2.g_mean.abs().add_(p1.g_mean.abs()), alpha=1.0 - beta)
+        r_y = st.get("y_g_scale", torch.zeros_like(y)).mul(beta).add_(p2.g_abs + p1.g_abs, alpha=1.0 - beta)
+        st["s_g"], st["y_g"], st["y_g_bound"], st["y_g_scale"] = s, y, b_y, r_y
+        if uninformative(b_y, r_y):
+            self._count(name, "h_g_uninformative")
+            self._count(name, "h_g_skipped")
+            if (name, "uninformative") not in self._logged:
+                self._logged.add((name, "uninformative"))
+                logger.info(
+                    "%s: layer '%s': its mean output gradient is at the round-off level (the layer feeds "
+                    "BatchNorm?), so y_G carries no information; its H_G pairs are skipped",
+                    self.method,
+                    name,
+                )
+            return
+        s, y = B.normalize_pair(s, y)  # exact; keeps s^T y, y^T H y and rho^2 in range
         h_of = self._h_g_operator(g, st, lam_g)
         rule = g["pair_damping"]
         if rule == PairDamping.DP_DLM.value:
@@ -579,15 +675,18 @@ class _KBFGSBase(SecondOrderOptimizer):
         else:
             reason = None
         if not self.limited_memory:
-            self._bfgs_dense(name, "h_g", s_t, y_t, hy_t, reason, skip)
+            self._bfgs_dense(name, "h_g", s_t, y_t, hy_t, reason)
             return
-        if reason is None and all_finite([s_t, y_t, hy_t]):
+        if reason is not None:
+            self._count(name, "h_g_skipped")
+            return
+        if all_finite([s_t, y_t, hy_t]):
             mem = LB.lbfgs_append(LB.CompactLBFGS.from_state(st), s_t, y_t, g["history_size"])
             if all_finite([mem.left, mem.right]):
                 st.update(mem.as_state())
                 self._count(name, "h_g_updates")
                 return
-        self._count(name, "h_g_skipped")
+        self._nonfinite(name, "h_g", "the L-BFGS memory update is not finite")
 
     def _h_g_operator(self, g: dict[str, Any], st: dict[str, Any], lam_g: float):
         """``v -> H_G v`` with the current ``H_G`` (the L-BFGS ``gamma`` follows ``damping``)."""
@@ -602,22 +701,44 @@ class _KBFGSBase(SecondOrderOptimizer):
         return lambda v: LB.lbfgs_apply(mem, v)
 
     def _bfgs_dense(
-        self, name: str, key: str, s: Tensor, y: Tensor, hy: Tensor | None, reason: str | None, skip_rule: str
+        self, name: str, key: str, s: Tensor, y: Tensor, hy: Tensor | None, reason: str | None
     ) -> None:
-        """BFGS (3.11) on ``module_state[name][key]`` unless skipped or not finite."""
+        """BFGS (3.11) on ``module_state[name][key]`` unless skipped; a non-finite result is not stored.
+
+        (The chapter-2 code's "keep the old H if H+ has an inf" is this rule for every skip rule.)
+        """
+        if reason is not None:
+            self._count(name, f"{key}_skipped")
+            return
         st = self.module_state[name]
         h = st[key]
         if hy is None:
             hy = torch.mv(h, y)
-        ok = reason is None and all_finite([s, y, hy])
-        if ok and skip_rule == SkipRule.CODE.value:  # the code keeps the old H if H+ has an inf
+        if all_finite([s, y, hy]):
             new = B.bfgs_update(h, s, y, hy)
-            ok = all_finite([new])
-            if ok:
+            if all_finite([new]):
                 st[key] = new
-        elif ok:
-            B.bfgs_update_(h, s, y, hy)
-        self._count(name, f"{key}_updates" if ok else f"{key}_skipped")
+                self._count(name, f"{key}_updates")
+                return
+        self._nonfinite(name, key, "the BFGS update is not finite")
+
+    def _nonfinite(self, name: str, key: str, why: str) -> None:
+        """A failed ``H_A`` / ``H_G`` update: the previous state stays; counted and logged."""
+        self._count(name, f"{key}_nonfinite")
+        self._count(name, f"{key}_skipped")
+        if (name, key) not in self._logged:
+            self._logged.add((name, key))
+            logger.warning(
+                "%s: layer '%s': %s at step %d; the previous %s is kept (counted in "
+                "opt.stats.diagnostics['kbfgs'][%r]['%s_nonfinite'])",
+                self.method,
+                name,
+                why,
+                self.step_count,
+                key.upper(),
+                name,
+                key,
+            )
 
     # ------------------------------------------------------------- diagnostics
     def _diag(self, name: str) -> dict[str, Any]:
@@ -626,8 +747,11 @@ class _KBFGSBase(SecondOrderOptimizer):
             dict(
                 h_g_updates=0,
                 h_g_skipped=0,
+                h_g_uninformative=0,
+                h_g_nonfinite=0,
                 h_a_updates=0,
                 h_a_skipped=0,
+                h_a_nonfinite=0,
                 ratio_count=0,
                 ratio_within=0,
                 ratio_sum=0.0,
@@ -870,4 +994,6 @@ __all__ = [
     "PairDamping",
     "SkipRule",
     "damping_split",
+    "uninformative",
+    "ROUNDOFF_FACTOR",
 ]
