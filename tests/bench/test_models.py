@@ -87,6 +87,12 @@ def test_vgg16_bn() -> None:
     assert M.num_parameters(model) == 14_728_266
     assert all((c.bias == 0).all() for c in convs)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    narrow = M.vgg16_bn(100, width=1 / 8)
+    convs = [m for m in narrow.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 8, 16, 16, 32, 32, 32, 64, 64, 64, 64, 64, 64]
+    assert narrow(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    with pytest.raises(ValueError, match="width"):
+        M.vgg16_bn(10, width=0)
 
 
 def test_classifiers() -> None:

@@ -68,20 +68,27 @@ def mlp_classifier(widths: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def vgg16_bn(num_classes: int = 10) -> nn.Sequential:
-    """VGG16 ("model D") with BatchNorm after each conv and a single FC layer (3.7.2)."""
+def vgg16_bn(num_classes: int = 10, width: float = 1.0) -> nn.Sequential:
+    """VGG16 ("model D") with BatchNorm after each conv and a single FC layer (3.7.2).
+
+    ``width`` scales every conv's channel count (``round(v * width)``, at least 1): 1 is the
+    thesis network; the tests use a narrow copy (1/8) to run the thesis's values quickly.
+    """
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width!r}")
     layers: list[nn.Module] = []
     channels = 3
     for v in VGG16_CFG:
         if v == "M":
             layers.append(nn.MaxPool2d(2, 2))
             continue
-        conv = nn.Conv2d(channels, int(v), 3, padding=1)
-        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (9 * int(v))))
+        out = max(1, round(int(v) * width))
+        conv = nn.Conv2d(channels, out, 3, padding=1)
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (9 * out)))
         nn.init.zeros_(conv.bias)
-        layers += [conv, nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
-        channels = int(v)
-    layers += [nn.Flatten(), nn.Linear(512, num_classes)]
+        layers += [conv, nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        channels = out
+    layers += [nn.Flatten(), nn.Linear(channels, num_classes)]
     return nn.Sequential(*layers)
 
 
