@@ -553,10 +553,44 @@ def _cnn_row(label: str, problem: str, table: dict, source: str, default: bool =
     return Preset(label, method, hp, GRID_CNN[label], source, thesis_name, default)
 
 
+#: grid of the chapter-2 K-BFGS keys on the CNNs [inferred]: DD needs damping <= 1
+GRID_CNN_CH2 = {
+    "lr": [1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3],
+    "weight_decay": [1e-4, 1e-3, 0.01, 0.1],
+    "damping": [0.01, 0.03, 0.1, 0.3, 1.0],
+}
+
+
+def _ch2_cnn_rows(problem: str) -> list[Preset]:
+    """K-BFGS-20 / K-BFGS(L)-20 on a CNN: not in the thesis (chapter 2 has no CNNs).
+
+    [inferred] values: damping 0.3 (the chapter-2 default, DD needs <= 1), T = 20 (the CNN
+    convention), and, from the ``kbfgs`` row of Table 3.7, the same learning rate for the
+    BatchNorm parameters (chapter 2 uses ``lr`` where chapter 3 uses ``lr/lam``) and the same
+    per-step decoupled weight decay ``lr * weight_decay``. Not in the default comparison.
+    """
+    lr, wd, lam = TABLE_3_7["kbfgs"][problem]
+    hp = {"update_freq": 20, "momentum_style": "accumulate", "lr": lr / lam, "weight_decay": wd * lam}
+    source = "[inferred] not in the thesis: Table 3.7 kbfgs's lr/lam and lr*wd, damping 0.3, T = 20"
+    return [
+        Preset("kbfgs20", "kbfgs20", {**hp, "damping": 0.3}, GRID_CNN_CH2, source, "K-BFGS-20", False),
+        Preset(
+            "kbfgsl20",
+            "kbfgsl20",
+            {**hp, "damping": 0.3, "history_size": 100},
+            GRID_CNN_CH2,
+            source,
+            "K-BFGS(L)-20",
+            False,
+        ),
+    ]
+
+
 def _ch3_cnn(problem: str) -> list[Preset]:
     if problem in WIDE:
         return [_cnn_row(label, problem, TABLE_3_10, "Table 3.10") for label in TABLE_3_10]
     rows = [_cnn_row(label, problem, TABLE_3_7, "Table 3.7") for label in TABLE_3_7]
+    rows += _ch2_cnn_rows(problem)
     rows += [_cnn_row(label, problem, TABLE_4_4, "Table 4.4") for label in TABLE_4_4]
     rows += [_cnn_row(label, problem, TABLE_4_6, "Table 4.6", default=False) for label in TABLE_4_6]
     return rows
