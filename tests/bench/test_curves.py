@@ -1,4 +1,4 @@
-"""The offline CURVES generator: calibration bands of DATASETS.md §1.3, determinism, prefixes, cache."""
+"""The offline CURVES generator: calibration bands of docs/datasets.md §1.3, determinism, prefixes, cache."""
 
 from __future__ import annotations
 

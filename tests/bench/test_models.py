@@ -43,7 +43,7 @@ def test_table_widths() -> None:
 
 
 def test_autoencoder_initial_loss_is_784_ln2() -> None:
-    """REFERENCE_NOTES §12.18: summed BCE at the default init is about 784 ln 2 (logits near 0)."""
+    """docs/notes.md §12.18: summed BCE at the default init is about 784 ln 2 (logits near 0)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     x = torch.as_tensor(

@@ -1,4 +1,4 @@
-"""Layer capture: im2col order, bias coordinate, per-example gradients (REFERENCE_NOTES §0, §12.10-11)."""
+"""Layer capture: im2col order, bias coordinate, per-example gradients (docs/notes.md §0, §12.10-11)."""
 
 from __future__ import annotations
 

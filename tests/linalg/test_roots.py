@@ -1,4 +1,4 @@
-"""Coupled Newton inverse p-th roots and damped inverses against numpy eigh (REFERENCE_NOTES §6, §12.14)."""
+"""Coupled Newton inverse p-th roots and damped inverses against numpy eigh (docs/notes.md §6, §12.14)."""
 
 from __future__ import annotations
 

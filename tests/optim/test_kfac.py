@@ -153,7 +153,7 @@ def test_kfac_sampled_step_equals_the_dense_formula_with_the_same_samples(kind):
 
 
 def test_retain_grad_accumulation_would_contaminate_gamma_but_ours_does_not():
-    """REFERENCE_NOTES §7: .grad of a retained non-leaf accumulates across backward calls."""
+    """docs/notes.md §7: .grad of a retained non-leaf accumulates across backward calls."""
     model = fc_model()
     x, y = classification_data(n=7, d=5)
     loss_fn = nn.CrossEntropyLoss()

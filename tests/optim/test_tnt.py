@@ -234,7 +234,7 @@ def test_moving_averages_warm_start_and_running_mean_start():
 def test_sampled_statistics_converge_to_their_expectation():
     """E[G^(i)] of the minibatch-mean sampled gradient, by enumerating the classes of every example:
     E[G^(i)] = (1/m^2) sum_n sum_c p_nc (grad l_n(c))^(i) (cross terms vanish: E_c[grad l_n(c)] = 0),
-    i.e. 1/m of the per-example contraction (REFERENCE_NOTES §5). The warm start averages K draws."""
+    i.e. 1/m of the per-example contraction (docs/notes.md §5). The warm start averages K draws."""
     model = tiny_mlp(widths=(4, 3, 3))
     x, _ = classification_data(n=3, d=4)
     m = x.shape[0]

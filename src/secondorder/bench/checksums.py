@@ -1,4 +1,4 @@
-"""Published checksums of the benchmark files (DATASETS.md §5-§6) and trust-on-first-use records.
+"""Published checksums of the benchmark files (docs/datasets.md §5-§6) and trust-on-first-use records.
 
 A file is *identified* when its md5 (of the file, or of the decompressed bytes for ``.gz``)
 matches a published value; a structurally valid file with an unknown checksum (a subset, a

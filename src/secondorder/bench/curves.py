@@ -1,4 +1,4 @@
-"""Offline synthetic CURVES (``curves-synth-v1``): the recipe of DATASETS.md §1.3.
+"""Offline synthetic CURVES (``curves-synth-v1``): the recipe of docs/datasets.md §1.3.
 
 The real CURVES set (``digs3pts_1.mat``, Hinton & Salakhutdinov 2006) has no public generator.
 This is a calibrated reconstruction, *not* the original: it matches the shapes (28x28, 20,000
@@ -56,7 +56,7 @@ class CurveFamily(str, enum.Enum):
 
 @dataclass(frozen=True)
 class CurvesParams:
-    """Parameters of the generator (defaults: DATASETS.md §1.3's suggested setting).
+    """Parameters of the generator (defaults: docs/datasets.md §1.3's suggested setting).
 
     Attributes:
         family: ``"bezier"`` (default) or ``"parabola"``.
@@ -245,7 +245,7 @@ def pca_test_error(x_train: np.ndarray, x_test: np.ndarray, components: int) -> 
 
 
 def calibration(data: CurvesData) -> dict[str, float]:
-    """The fingerprints of DATASETS.md §1.3: PCA-6/PCA-18 test error, mean pixel, share of (near) zeros.
+    """The fingerprints of docs/datasets.md §1.3: PCA-6/PCA-18 test error, mean pixel, share of (near) zeros.
 
     The Gaussian splat is not truncated, so few pixels are *exactly* zero; the share below
     ``1e-3`` is the "mostly black" statistic.

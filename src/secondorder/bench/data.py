@@ -82,7 +82,7 @@ def _curves_synth(o: DataOptions) -> Dataset:
         synthetic=True,
         stand_in_for="CURVES",
         verified=True,
-        description=f"{CV.VERSION}: generated CURVES-like images (DATASETS.md §1.3), sha256 "
+        description=f"{CV.VERSION}: generated CURVES-like images (docs/datasets.md §1.3), sha256 "
         f"{data.sha256[:16]}...",
         info={
             "generator": CV.VERSION,

@@ -5,7 +5,7 @@ Each loader checks names, sizes, shapes and headers, recognises the published ch
 (:mod:`.checksums`) and says which data set it found. A structurally valid file with an unknown
 checksum loads with a warning naming it. A missing, truncated or malformed file raises
 :class:`~.dataset.DatasetError` naming the file, the directory searched and where to download it.
-Formats: DATASETS.md §1-§3; preprocessing as the thesis author's code (§4): MNIST ``/255``,
+Formats: docs/datasets.md §1-§3; preprocessing as the thesis author's code (§4): MNIST ``/255``,
 CURVES and FACES as stored, CIFAR ``/255`` (normalisation and augmentation belong to the problem).
 """
 

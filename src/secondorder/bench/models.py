@@ -1,8 +1,8 @@
 """The thesis networks: three MLP autoencoders, VGG16-BN, ResNet32 (and ResNet32-4), chapter-5 classifiers.
 
 * Autoencoders (Tables 2.4 / 3.6): ReLU hidden units, a linear code layer (the narrowest),
-  linear outputs (logits for the BCE problems, REFERENCE_NOTES §11.13), PyTorch default
-  ``nn.Linear`` init (REFERENCE_NOTES §10).
+  linear outputs (logits for the BCE problems, docs/notes.md §11.13), PyTorch default
+  ``nn.Linear`` init (docs/notes.md §10).
 * VGG16-BN (3.7.2): "model D" with BatchNorm after every conv and one FC layer
   ``512 -> classes``; conv ``W ~ N(0, 2 / (k^2 C_out))``, conv bias 0; FC and BN default.
 * ResNet32 (He et al. 2016, Table 6): 3 stages x 5 basic blocks, 16/32/64 channels, convs

@@ -170,7 +170,7 @@ FIXED_AE: dict[str, tuple[str, dict[str, Any], str]] = {  # label -> (method, op
     "kbfgs20": ("kbfgs20", {"momentum_style": "accumulate"}, "K-BFGS-20"),
     "kbfgsl20": ("kbfgsl20", {"momentum_style": "accumulate", "history_size": 100}, "K-BFGS(L)-20"),
     "kfac": ("kfac", {"update_freq": 1, "inverse_freq": 20}, "KFAC"),
-    # the published chapter-3/4 code path that produced Table 3.3 fixes pi = 1 (REFERENCE_NOTES §7, §11.7)
+    # the published chapter-3/4 code path that produced Table 3.3 fixes pi = 1 (docs/notes.md §7, §11.7)
     "kfac-pi1": (
         "kfac",
         {"update_freq": 1, "inverse_freq": 20, "pi": "none"},
@@ -319,7 +319,7 @@ THESIS_TABLE_3_3 = {
     "kbfgs20": {"mnist": 52.38, "faces": 5.46, "curves": 56.00},
     "kbfgsl20": {"mnist": 54.27, "faces": 4.92, "curves": 55.94},
     "kfac": {"mnist": 51.24, "faces": 4.71, "curves": 55.12},
-    "kfac-pi1": {"mnist": 51.24, "faces": 4.71, "curves": 55.12},  # the same runs (REFERENCE_NOTES §7)
+    "kfac-pi1": {"mnist": 51.24, "faces": 4.71, "curves": 55.12},  # the same runs (docs/notes.md §7)
     "adam": {"mnist": 52.76, "faces": 5.33, "curves": 55.24},
     "sgd": {"mnist": 54.75, "faces": 6.47, "curves": 55.97},
 }
@@ -401,7 +401,7 @@ THESIS_ACCURACY = {
 
 # ------------------------------------------------------------------------------------ building rows
 def _dd_grid(grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    """Double damping (Algorithm 3) needs mu2 = sqrt(damping) <= 1 (REFERENCE_NOTES §11.3): drop larger
+    """Double damping (Algorithm 3) needs mu2 = sqrt(damping) <= 1 (docs/notes.md §11.3): drop larger
     damping values from the grid of a DD row (the thesis's best DD values are all <= 1) [inferred]."""
     return {k: [v for v in vals if v <= 1] if k == "damping" else vals for k, vals in grid.items()}
 

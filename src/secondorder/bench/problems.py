@@ -8,12 +8,12 @@
 * ``mnist-mlp`` (784-500-10, batch 60, 10 epochs), ``cifar10-mlp`` (3072-400-400-10, batch 100,
   10 epochs), ``webspam`` (254-400-400-1, batch 60, 1 epoch): logistic hidden units (5.8).
 
-Metrics (REFERENCE_NOTES §10): the training loss is the mean of per-batch mean losses over the
+Metrics (docs/notes.md §10): the training loss is the mean of per-batch mean losses over the
 ``floor(N/m)`` full training batches, in ``eval()`` mode, without augmentation (plus the chapter-2
 L2 term when the suite has one). The autoencoders' "test error" is the per-pixel mean squared
 error of ``sigmoid(z)`` (BCE problems) or ``z`` (FACES) over full test batches; the CNNs' is the
 classification error over full test batches of 128; the chapter-5 classifiers' over the whole test set.
-CIFAR inputs are normalised per channel (REFERENCE_NOTES §10 constants for the real sets, the training
+CIFAR inputs are normalised per channel (docs/notes.md §10 constants for the real sets, the training
 set's own statistics for stand-ins) and augmented per batch with a random crop (zero padding 4 in pixel
 space) and a horizontal flip, on tensors. Chapter-5 inputs are standardised with the training mean and a
 standard deviation floored at ``1/sqrt(d)`` (the thesis code's webspam rule, applied to every set).
@@ -171,7 +171,7 @@ class L2Regularized(nn.Module):
 
     The term depends on the parameters only, so per-example output gradients (and thus every
     curvature statistic) are unchanged; the parameter gradient gains ``eta * theta`` before the
-    momentum, as in the chapter-2 code (REFERENCE_NOTES §0).
+    momentum, as in the chapter-2 code (docs/notes.md §0).
     """
 
     def __init__(self, base: nn.Module, params: list[Tensor], eta: float):
@@ -235,7 +235,7 @@ def prepare(problem: Problem, data: Dataset, device: torch.device | str = "cpu")
             raise ValueError(f"{problem.name}: needs (n, 3, 32, 32) images, got {x_tr.shape[1:]}")
         if data.name in CIFAR_NORMALISATION:
             mean, std = (np.array(v, dtype=np.float32) for v in CIFAR_NORMALISATION[data.name])
-            info["normalisation"] = f"REFERENCE_NOTES §10 {data.name} constants"
+            info["normalisation"] = f"docs/notes.md §10 {data.name} constants"
         else:
             mean, std = x_tr.mean(axis=(0, 2, 3)), x_tr.std(axis=(0, 2, 3)) + 1e-8
             info["normalisation"] = "per-channel training mean / std of the stand-in"

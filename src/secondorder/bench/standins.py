@@ -1,4 +1,4 @@
-"""Offline stand-ins for the thesis data sets (DATASETS.md §5, §7), each under its own name.
+"""Offline stand-ins for the thesis data sets (docs/datasets.md §5, §7), each under its own name.
 
 None of these is the thesis's data; every output names them (and marks the generated ones
 "synthetic"), so nobody compares their numbers with the thesis's:

@@ -8,7 +8,7 @@ the user's modules carry no hooks and no state. Inside, every registered module 
   differentiate a second loss w.r.t. it with ``torch.autograd.grad``),
 * ``output_grads`` -- ``dL/dh`` from the ordinary ``loss.backward()`` of that phase (via a
   tensor hook; unscaled: multiply by :meth:`Likelihood.batch_factor` for the per-example
-  ``g_n = dl_n/dh_n`` of REFERENCE_NOTES §0).
+  ``g_n = dl_n/dh_n`` of docs/notes.md §0).
 
 The helpers below turn these into the matrices of the Kronecker methods:
 

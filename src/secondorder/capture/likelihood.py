@@ -27,7 +27,7 @@ autoencoder loss with the minus signs of (1.5)-(1.6) restored) and ``1/2 |z - t|
 (Gaussian with identity covariance).
 
 Per-example pre-activation gradients are ``g_n = dl_n/dh_n = (1/r) dL/dh_n``
-(REFERENCE_NOTES §0: ``m`` times the autograd gradient of the batch-mean loss).
+(docs/notes.md §0: ``m`` times the autograd gradient of the batch-mean loss).
 
 Sampling (the "sampled Fisher" of KFAC and TNT) draws ``t ~ p(t | z)`` from the model's
 predictive distribution: ``Categorical(softmax z)``, independent ``Bernoulli(sigmoid z_j)``
@@ -36,7 +36,7 @@ standard deviation 1, for ``|z - t|^2`` it is ``1/sqrt(2)``).
 
 The Hessian of ``l_n`` w.r.t. ``z_n`` is ``c * H_unit`` with
 ``H_unit = diag(p) - p p^T`` (categorical), ``diag(s (1 - s))`` for ``s = sigmoid(z)``
-(Bernoulli; the thesis's ``diag(s)`` is a typo, REFERENCE_NOTES §11.14) and ``I``
+(Bernoulli; the thesis's ``diag(s)`` is a typo, docs/notes.md §11.14) and ``I``
 (Gaussian). The expectation of ``(dl_n/dz)(dl_n/dz)^T`` under sampled targets (the Fisher of
 the per-example loss, :meth:`Likelihood.fisher`) is ``c^2 H_unit`` for the categorical and
 Bernoulli families and ``c I`` for the Gaussian, so Fisher = GGN exactly when ``c = 1`` (all

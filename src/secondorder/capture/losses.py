@@ -2,7 +2,7 @@
 
 ``nn.BCEWithLogitsLoss(reduction="mean")`` averages over *all* elements, which divides the
 thesis loss by the number of pixels; ``reduction="sum"`` does not average over the batch.
-The thesis (Tables 2.4/3.6, REFERENCE_NOTES §10) reports
+The thesis (Tables 2.4/3.6, docs/notes.md §10) reports
 
 * MNIST, CURVES: ``(1/m) sum_n sum_j BCE(sigmoid(z_nj), t_nj)`` (about 543 = 784 ln 2 at
   initialization, about 52-56 after training);

@@ -10,7 +10,7 @@ Pure tensor functions, float32 or float64, on vectors of length ``d`` and ``d x 
 * :func:`dp_dlm` -- ``D_P D_LM``, Algorithm 8 (chapter 3): Powell on ``H``, then ``y~ = y + mu2 s~``.
 * :func:`dpi_dlm` -- ``D_P(I) D_LM``, Algorithm 11: as Algorithm 8 with ``H`` replaced by ``I/mu2``.
 * :func:`dd_skip` -- the skip test of Algorithm 5 line 17: update only if ``s~^T y~ >= mu1 y~^T H y~``.
-* :func:`code_skip_reason` -- the skip rules of the chapter-2 code (REFERENCE_NOTES §1, §11.2).
+* :func:`code_skip_reason` -- the skip rules of the chapter-2 code (docs/notes.md §1, §11.2).
 * :func:`hessian_action_pair`, :func:`gram_action` -- "Hessian-action" BFGS pairs for ``A``
   (2.4 and the minibatched form (3.14)-(3.15)).
 * :func:`normalize_pair` -- ``(c s, c y)`` with ``c`` a power of two that balances the pair, so
@@ -48,7 +48,7 @@ def bfgs_update_(h: Tensor, s: Tensor, y: Tensor, hy: Tensor | None = None) -> T
     """In place: the BFGS inverse update (2.6)/(3.11); returns ``h``.
 
     ``H+ = (I - rho s y^T) H (I - rho y s^T) + rho s s^T``, ``rho = 1 / s^T y``, computed in the
-    expanded rank-2 form (REFERENCE_NOTES §1) with one GEMM of inner size 2:
+    expanded rank-2 form (docs/notes.md §1) with one GEMM of inner size 2:
 
         ``H+ = H + (rho^2 y^T H y + rho) s s^T - rho (s (Hy)^T + (Hy) s^T)``.
 
@@ -140,7 +140,7 @@ def double_damping(s: Tensor, y: Tensor, hy: Tensor, mu1: float, mu2: float) -> 
 
     Step 2: ``theta2 = (1 - mu2) s~^T s~ / (s~^T s~ - s~^T y)`` if ``s~^T y < mu2 s~^T s~``, else 1;
     ``y~ = theta2 y + (1 - theta2) s~``. Gives ``s~^T y~ >= mu2 s~^T s~`` for ``0 < mu2 <= 1``
-    (for ``mu2 > 1`` step 2 extrapolates; REFERENCE_NOTES §11.3).
+    (for ``mu2 > 1`` step 2 extrapolates; docs/notes.md §11.3).
 
     Args:
         s, y: the pair; ``hy = H y`` with ``H`` the current approximation.
@@ -207,7 +207,7 @@ def positive_curvature(s: Tensor, y: Tensor) -> bool:
 
 
 def code_skip_reason(s: Tensor, y: Tensor, grad_norm: float | Tensor) -> str | None:
-    """The pre-update skip rules of the chapter-2 code (REFERENCE_NOTES §1, §11.2; not in the thesis).
+    """The pre-update skip rules of the chapter-2 code (docs/notes.md §1, §11.2; not in the thesis).
 
     Skip when ``s^T y <= 0`` or on the norm gate ``s^T y <= 1e-4 s^T s |g|`` (``|g|`` is the
     norm of the mean pre-activation gradient for ``H_g``, of ``[mean a; 1]`` for ``H_a``), or

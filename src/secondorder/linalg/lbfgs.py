@@ -1,7 +1,7 @@
 """Compact ("non-loop") L-BFGS applied to a matrix, maintained incrementally.
 
 Byrd, Nocedal and Schnabel (1994), as used by K-BFGS(L) (2.3 "L-BFGS Implementation", 3.4.3;
-REFERENCE_NOTES §4). With the ``p' <= p`` stored pairs as rows ``S, Y`` of shape ``(p', d)``
+docs/notes.md §4). With the ``p' <= p`` stored pairs as rows ``S, Y`` of shape ``(p', d)``
 (oldest first), ``R`` upper triangular with ``R_ij = s_i^T y_j`` (``i <= j``),
 ``D = diag(s_i^T y_i)`` and the initial matrix ``H0 = gamma I``, the L-BFGS matrix
 
@@ -123,7 +123,7 @@ def lbfgs_drop_oldest(mem: CompactLBFGS) -> CompactLBFGS:
 def lbfgs_append(mem: CompactLBFGS, s: Tensor, y: Tensor, history_size: int) -> CompactLBFGS:
     """Add the newest pair ``(s, y)`` (``s^T y > 0``), dropping the oldest beyond ``history_size``.
 
-    Bordering (REFERENCE_NOTES §4): ``R^-1 <- [[R^-1, -rho R^-1 S y], [0, rho]]``,
+    Bordering (docs/notes.md §4): ``R^-1 <- [[R^-1, -rho R^-1 S y], [0, rho]]``,
     ``Y Y^T <- [[Y Y^T, Y y], [y^T Y, y^T y]]``.
     """
     if history_size < 1:

@@ -1,7 +1,7 @@
 """Inverse p-th roots and damped inverses of symmetric PSD factors (TNT and Shampoo, chapter 4).
 
 * :func:`coupled_newton_inverse_root` -- ``(G + eps I)^(-1/p)`` by the coupled Newton iteration
-  of Anil et al. as used for Shampoo (Algorithm 16 line 12; REFERENCE_NOTES §6):
+  of Anil et al. as used for Shampoo (Algorithm 16 line 12; docs/notes.md §6):
   ``z = (1 + p) / (2 |G_d|_F)``, ``M_0 = z G_d``, ``H_0 = z^(1/p) I``, then
   ``M'_i = (1 + 1/p) I - M_i / p``, ``M_{i+1} = M'_i^p M_i``, ``H_{i+1} = H_i M'_i``
   (invariant ``M = H^p G_d``, so ``H -> G_d^(-1/p)``), with error ``e = max|M - I|``; it stops
@@ -31,7 +31,7 @@ from .kron import LinAlgError, damped_eigh, damped_inverse, gram
 
 logger = logging.getLogger(__name__)
 
-#: defaults of REFERENCE_NOTES §6 (thesis 4.7.2: "max iteration number of 100 and error tolerance of 1e-6")
+#: defaults of docs/notes.md §6 (thesis 4.7.2: "max iteration number of 100 and error tolerance of 1e-6")
 MAX_ITERS = 100
 TOLERANCE = 1e-6
 #: the error may grow by this factor in one iteration before the loop stops
@@ -67,7 +67,7 @@ def _matrix_power(x: Tensor, p: int) -> Tensor:
 def coupled_newton(
     g: Tensor, p: int, damping: float = 0.0, *, max_iters: int = MAX_ITERS, tol: float = TOLERANCE
 ) -> NewtonResult:
-    """``(G + damping I)^(-1/p)`` by the coupled Newton iteration (REFERENCE_NOTES §6).
+    """``(G + damping I)^(-1/p)`` by the coupled Newton iteration (docs/notes.md §6).
 
     Args:
         g: symmetric PSD ``(n, n)``.

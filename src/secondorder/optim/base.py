@@ -44,7 +44,7 @@ class NonFiniteError(FloatingPointError):
 
 
 class MomentumStyle(str, enum.Enum):
-    """Gradient momentum conventions of the thesis (REFERENCE_NOTES §0).
+    """Gradient momentum conventions of the thesis (docs/notes.md §0).
 
     ``ACCUMULATE``: ``m <- mu m + g`` (chapters 3-4: SGD-m, KFAC, K-BFGS Alg. 9, TNT, Shampoo).
     ``AVERAGE``: ``m <- mu m + (1 - mu) g`` (chapter 2 code, every method there).

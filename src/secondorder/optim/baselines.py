@@ -4,12 +4,12 @@
   ``momentum_style="average"``); ``W <- W - lr (m + gamma W)``.
 * **Adam** -- Kingma & Ba with ``beta1 = momentum``, ``beta2 = stat_decay``,
   ``epsilon = damping`` outside the square root. ``adam_variant="reference"`` reproduces
-  the authors' code (REFERENCE_NOTES §8): the second moment is of the bias-corrected first
+  the authors' code (docs/notes.md §8): the second moment is of the bias-corrected first
   moment, ``v <- beta2 v + (1 - beta2) mhat^2``.
 * **RMSprop** -- as Adam without bias correction (2.8.2): ``m <- beta1 m + (1 - beta1) g``,
   ``v <- beta2 v + (1 - beta2) g^2``, ``P = m / (sqrt(v) + epsilon)``.
   ``rmsprop_variant="reference"`` squares the momentum gradient instead of ``g``
-  (REFERENCE_NOTES §8, §11.9). ``warm_start`` initialises ``v`` with the average of the
+  (docs/notes.md §8, §11.9). ``warm_start`` initialises ``v`` with the average of the
   squared minibatch gradients over the given closures (2.8.2, "Initialization").
 
 All three take decoupled weight decay ``W <- W - lr (P + gamma W)`` and accept a

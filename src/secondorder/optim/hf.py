@@ -19,7 +19,7 @@ With BatchNorm in train mode, ``B`` is the Gauss-Newton matrix of the ``S2`` min
 run as one batch (the same definition as SMW-GN; see :mod:`.smw`).
 
 The thesis does not give the CG budget ``n_HF``, the stopping rule or the warm start
-(REFERENCE_NOTES §9). They are parameters here, with short Kiros-style runs by default
+(docs/notes.md §9). They are parameters here, with short Kiros-style runs by default
 **[inferred]**: at most ``cg_max_iters = 10`` iterations, stopping early when the relative
 residual ``|g - (B + lam I) d| / |g|`` falls below ``cg_tol = 1e-4``; CG starts from the
 previous step's solution times ``cg_decay = 0.95`` (Martens's decayed warm start; 0 starts from

@@ -51,7 +51,7 @@ def choice(name: str, value: Any, options: Iterable[str] | type[enum.Enum]) -> s
     return value
 
 
-#: the hyper-parameters every method names alike (DESIGN.md), with their one validation rule
+#: the hyper-parameters every method names alike (docs/design.md), with their one validation rule
 _SHARED: dict[str, Any] = {
     "lr": lambda v: positive("lr", v, allow_zero=True),
     "damping": lambda v: positive("damping", v),

@@ -13,7 +13,7 @@ pass on the same minibatch at the new parameters gives the curvature pairs:
 * ``H_A`` (Alg. 9 lines 15-17): ``s_A = H_A abar``, ``y_A = A~ s_A + lambda_A s_A`` with
   ``A~ v = E_n[sum_t abar_t (abar_t^T v)]`` computed from the batch without forming ``A~``
   (3.14)-(3.15), then one BFGS update (3.11). ``abar`` is the mean over examples *and*
-  locations of the patches, while ``A~`` sums over locations (REFERENCE_NOTES §2).
+  locations of the patches, while ``A~`` sums over locations (docs/notes.md §2).
 * ``H_G`` (lines 19-21): ``s_G <- beta s_G + (1 - beta)(hbar+ - hbar)``,
   ``y_G <- beta y_G + (1 - beta)(Dhbar+ - Dhbar)`` with the means over examples and locations
   of the pre-activations and of the per-example pre-activation gradients
@@ -27,7 +27,7 @@ pass on the same minibatch at the new parameters gives the curvature pairs:
 * parameters of layers that are not modeled (BatchNorm, ...) follow the momentum gradient
   with learning rate ``alpha / lam`` (3.4.3) and the same decoupled weight decay.
 
-``kbfgs20`` / ``kbfgsl20`` are Algorithm 4 (chapter 2, REFERENCE_NOTES §1): double damping DD
+``kbfgs20`` / ``kbfgsl20`` are Algorithm 4 (chapter 2, docs/notes.md §1): double damping DD
 (Algorithm 3, ``mu2 = lambda_G = sqrt(lam)``, so ``lam <= 1``), ``A`` as a moving average
 ``A <- beta A + (1 - beta) A_batch`` with Hessian-action BFGS on ``A^LM = A + lambda_A I``
 (2.4), ``H_g = I`` (the L-BFGS initial matrix too), the momentum ``mu DW + (1 - mu) DW_batch``,
@@ -50,11 +50,11 @@ Thesis variants are options (see :data:`VARIANTS` for the presets):
   the average of this step's gradient and the parameter gradient of the previous step's second
   pass (taken at the current parameters on the previous batch).
 
-Implementation choices (REFERENCE_NOTES §2 items marked [inferred] are marked here too):
+Implementation choices (docs/notes.md §2 items marked [inferred] are marked here too):
 
 * [inferred] the curvature work runs when ``k % T == 0`` with ``k`` 0-based, so the first step
   updates the curvature.
-* [inferred] ``abar`` and ``A~`` come from the pass-1 (pre-step) inputs (REFERENCE_NOTES §11.5).
+* [inferred] ``abar`` and ``A~`` come from the pass-1 (pre-step) inputs (docs/notes.md §11.5).
 * [inferred] the second pass leaves BatchNorm running statistics unchanged and is not a
   training step; it runs outside DDP's gradient synchronisation and differentiates only
   w.r.t. the recorded pre-activations (``closure.grad``), so it writes no ``.grad``.
@@ -168,7 +168,7 @@ class SkipRule(str, enum.Enum):
 
     POSITIVE = "positive"  # only if s^T y <= 0 or non-finite (the thesis: always update)
     DD_SKIP = "dd-skip"  # H_G: Algorithm 5 line 17, skip unless s~^T y~ >= mu1 y~^T H y~
-    CODE = "code"  # the chapter-2 code: s^T y <= 0, the norm gate, an infinite H+ (REFERENCE_NOTES §1)
+    CODE = "code"  # the chapter-2 code: s^T y <= 0, the norm gate, an infinite H+ (docs/notes.md §1)
 
 
 #: option presets for the thesis variants, e.g. ``so.make_optimizer("kbfgsl20", model, **VARIANTS["alg5"])``.
@@ -305,7 +305,7 @@ class _KBFGSBase(SecondOrderOptimizer):
 
     @staticmethod
     def _check_dd_damping(g: dict[str, Any]) -> None:
-        # DD step 2 is a convex combination only for mu2 = lambda_G = sqrt(lam) <= 1 (REFERENCE_NOTES §11.3)
+        # DD step 2 is a convex combination only for mu2 = lambda_G = sqrt(lam) <= 1 (docs/notes.md §11.3)
         if g["pair_damping"] == PairDamping.DD.value and g["damping"] > 1:
             raise ValueError(
                 f"damping must be <= 1 with pair_damping='dd' (DD, Algorithm 3, needs "

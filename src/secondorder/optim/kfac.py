@@ -2,7 +2,7 @@
 
 Per modeled layer ``l`` (``Linear``, or ``Conv2d`` with groups 1), with ``abar`` the layer
 input with the homogeneous 1 (im2col patches for conv) and ``g = dl_n/dh`` the per-example
-pre-activation gradient (REFERENCE_NOTES §0):
+pre-activation gradient (docs/notes.md §0):
 
 * ``Omega_l = E_n[sum_t abar_t abar_t^T]``  (mean over examples, sum over locations ``t``);
 * ``Gamma_l = E_n[(1/|T|) sum_t g_t g_t^T]`` (mean over examples and locations), with targets
@@ -10,7 +10,7 @@ pre-activation gradient (REFERENCE_NOTES §0):
   targets (``kfac-ef``, the empirical Fisher);
 * moving averages ``X <- beta X + (1 - beta) X_batch`` (``stat_decay`` = beta), statistics every
   ``update_freq`` (T1) steps, inverses every ``inverse_freq`` (T2) steps and every T1 steps
-  during the first T2 (REFERENCE_NOTES §7);
+  during the first T2 (docs/notes.md §7);
 * inverses (line 19): ``H_Omega = (Omega + pi sqrt(lam) I)^-1``,
   ``H_Gamma = (Gamma + sqrt(lam)/pi I)^-1`` with ``pi = sqrt((tr Omega/d_Omega) / (tr Gamma/d_Gamma))``;
   ``pi="none"`` fixes ``pi = 1`` (Algorithm 7 and the published code);
@@ -23,10 +23,10 @@ gradient with the same ``lr`` and weight decay (3.7.2).
 Implementation choices:
 
 * The sampled-label pass reuses the graph of pass 1 at ``theta_k`` and its statistics are used
-  in the same step, as in both published codebases (REFERENCE_NOTES §11.6). It
+  in the same step, as in both published codebases (docs/notes.md §11.6). It
   differentiates w.r.t. the pre-activations only (``torch.autograd.grad``), so it writes no
   ``.grad``, triggers no DDP all-reduce, and the true-label gradients never mix into the
-  sampled ones (REFERENCE_NOTES §7, §11.8).
+  sampled ones (docs/notes.md §7, §11.8).
 * When there is no warm start, the first statistics initialise the factors directly (the
   bias-corrected start of the moving average).
 """

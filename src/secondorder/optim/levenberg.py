@@ -6,7 +6,7 @@ model ``m(p) = f + g^T p + 1/2 p^T B p`` is measured by (5.5),
 
     rho = (f_S1(theta) - f_S1(theta + p)) / (m(0) - m(p)),
 
-on the step's minibatch ``S1`` and at the *unscaled* step ``p`` (not ``alpha p``; REFERENCE_NOTES
+on the step's minibatch ``S1`` and at the *unscaled* step ``p`` (not ``alpha p``; docs/notes.md
 §9), and ``lam_LM`` moves by
 
     rho < eps:        lam_LM <- boost lam_LM
@@ -16,7 +16,7 @@ on the step's minibatch ``S1`` and at the *unscaled* step ``p`` (not ``alpha p``
 thesis constants ``lam_LM^0 = 1``, ``boost = 1.01``, ``drop = 0.99``, ``eps = 1/4``, ``tau = 1e-3``
 (5.8, after Kiros). Since ``lam_LM > 0`` always, ``lam >= tau`` always.
 
-**Which model reduction** (REFERENCE_NOTES §9, §11.18) is the ``model_reduction`` option:
+**Which model reduction** (docs/notes.md §9, §11.18) is the ``model_reduction`` option:
 
 * ``"damped"`` (default): the reduction of the *damped* model
   ``m_lam(p) = f + g^T p + 1/2 p^T (B + lam I) p``, i.e. ``-g^T p - 1/2 p^T (B + lam I) p``.

@@ -1,4 +1,4 @@
-"""``so.make_optimizer(name, model, **hp)``: every method of DESIGN.md by its factory key."""
+"""``so.make_optimizer(name, model, **hp)``: every method of docs/design.md by its factory key."""
 
 from __future__ import annotations
 

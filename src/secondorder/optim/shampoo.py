@@ -1,4 +1,4 @@
-"""Shampoo as implemented for the chapter-4 comparisons: Algorithm 16 (4.7.2), REFERENCE_NOTES §6.
+"""Shampoo as implemented for the chapter-4 comparisons: Algorithm 16 (4.7.2), docs/notes.md §6.
 
 The same tensor views, moving averages, T1/T2, momentum and weight decay as TNT
 (:mod:`secondorder.optim.tnt`), with two differences:
@@ -37,7 +37,7 @@ from .tnt import MAX_FACTOR_DIM, TensorFactoredOptimizer, TensorView
 
 
 class InverseTiming(str, enum.Enum):
-    """When Shampoo recomputes its inverse roots (REFERENCE_NOTES §6)."""
+    """When Shampoo recomputes its inverse roots (docs/notes.md §6)."""
 
     LESS = "less"  # only when k % T2 == 0 (autoencoders)
     TNT = "tnt"  # also every T1 steps during the first T2 steps (CNNs)

@@ -11,7 +11,7 @@ Each step, on the closure's minibatch ``S1`` (``N1`` examples) and a curvature s
    * ``smw-ng`` -- ``J`` has the per-example gradients ``grad l_i`` as rows and ``H = I``
      (5.3): the empirical Fisher with the true targets (the thesis), or with targets drawn
      from the model's predictive distribution (``fisher="sampled"``, the published prototypes;
-     REFERENCE_NOTES §11.19); ``D = lam I + s J J^T`` (Cholesky);
+     docs/notes.md §11.19); ``D = lam I + s J J^T`` (Cholesky);
    * ``smw-ng-bd`` -- the same for each layer's block of ``J`` separately (block-diagonal
      ``G``, 5.8): one ``N2 x N2`` solve per layer;
    * ``smw-gn`` -- ``J`` stacks the output Jacobians ``J_i = d yhat_i / d theta`` (``m_L`` rows

@@ -6,12 +6,12 @@ of the loss on targets sampled from the model's predictive distribution (``tnt``
 the true targets (``tnt-ef``, 4.7.3), and ``G^(i) = mat_i(G) mat_i(G)^T`` its contractions:
 
 * statistics every ``update_freq`` (T1) steps, lines 11-12: ``G^^(i) <- beta G^^(i) + (1 - beta) G^(i)``;
-* every ``inverse_freq`` (T2) steps, and every T1 steps during the first T2 (REFERENCE_NOTES §5),
+* every ``inverse_freq`` (T2) steps, and every T1 steps during the first T2 (docs/notes.md §5),
   lines 14-16: ``U~_i`` from ``G^^(i)`` by (4.10), then ``K_i = (U~_i + eps I)^-1``;
 * lines 10, 18-20: ``m <- mu m + grad``, ``p = m x_1 K_1 x_2 ... x_k K_k`` (Proposition 1:
   ``(K_1 (x) ... (x) K_k) vec(m)``), ``W <- W - alpha (p + gamma W)``.
 
-Conventions (REFERENCE_NOTES §5, §11.15-16):
+Conventions (docs/notes.md §5, §11.15-16):
 
 * ``G_l`` is the contraction of the minibatch-**mean** gradient, so ``E[G^(i)]`` is about ``1/m``
   of the per-example contraction: the thesis learning rates (Table 4.3: MNIST ``1e-4``, ``eps 0.1``)
@@ -204,7 +204,7 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
 
     # --------------------------------------------------------------- step
     def _inverse_due(self, k: int, stats_due: bool) -> bool:
-        """Lines 14 (TNT): every T2 steps, and every T1 steps during the first T2 (REFERENCE_NOTES §5)."""
+        """Lines 14 (TNT): every T2 steps, and every T1 steps during the first T2 (docs/notes.md §5)."""
         t2 = self.param_groups[0]["inverse_freq"]
         return k % t2 == 0 or (k < t2 and stats_due)
 
