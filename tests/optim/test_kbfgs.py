@@ -714,13 +714,29 @@ def test_a_failed_update_keeps_the_previous_state_is_counted_and_logged(name, hp
     assert opt.stats.diagnostics["kbfgs"]["0"]["h_a_updates"] == 1
 
 
-def test_a_non_finite_bfgs_update_of_h_g_is_not_stored():
+@pytest.mark.parametrize("name", ["kbfgs", "kbfgsl"])
+def test_a_non_finite_update_of_h_g_is_not_stored(name, caplog):
+    """Dense BFGS and the L-BFGS append keep the previous H_G when the pair's H y is not finite."""
     model = make_model("fc")
-    opt = so.make_optimizer("kbfgs", model)
+    opt = (
+        so.make_optimizer(name, model, history_size=3) if name == "kbfgsl" else so.make_optimizer(name, model)
+    )
     (x, y), *_ = make_batches("fc", n=1)
     opt.step(so.Closure(model, x, y, nn.CrossEntropyLoss()))
-    h_g = opt.module_state["0"]["h_g"].clone()
+    before = {k: v.clone() for k, v in opt.module_state["0"].items() if torch.is_tensor(v)}
     s = torch.ones(4, dtype=F64)
-    opt._bfgs_dense("0", "h_g", s, s, torch.full((4,), float("inf"), dtype=F64), None)
-    assert torch.equal(opt.module_state["0"]["h_g"], h_g)
-    assert opt.stats.diagnostics["kbfgs"]["0"]["h_g_nonfinite"] == 1
+    hy = torch.full((4,), float("inf"), dtype=F64)
+    with caplog.at_level("WARNING", logger="secondorder"):
+        if name == "kbfgs":
+            opt._bfgs_dense("0", "h_g", s, s, hy, None)
+        else:
+            opt._lbfgs_append("0", s, s, hy, None, 3)
+    after = opt.module_state["0"]
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    d = opt.stats.diagnostics["kbfgs"]["0"]
+    assert (d["h_g_nonfinite"], d["h_g_skipped"], d["h_g_updates"]) == (1, 1, 1)
+    assert any("previous H_G is kept" in r.getMessage() for r in caplog.records)
+    opt._lbfgs_append("0", s, s, s, None, 3) if name == "kbfgsl" else opt._bfgs_dense(
+        "0", "h_g", s, s, s, None
+    )
+    assert opt.stats.diagnostics["kbfgs"]["0"]["h_g_updates"] == 2  # a finite pair is taken again

@@ -636,9 +636,11 @@ class _KBFGSBase(SecondOrderOptimizer):
         s = st["s_g"].mul(beta).add_(p2.h_mean - p1.h_mean, alpha=1.0 - beta)
         y = st["y_g"].mul(beta).add_(p2.g_mean - p1.g_mean, alpha=1.0 - beta)
         # the round-off rule's b_y and r_y (checkpoints from before the rule lack them: start at 0)
-        b_y = st.get("y_g_bound", torch.zeros_like(y)).mul(beta)
-        b_y.add_(p2.g_mean.abs().add_(p1.g_mean.abs()), alpha=1.0 - beta)
-        r_y = st.get("y_g_scale", torch.zeros_like(y)).mul(beta).add_(p2.g_abs + p1.g_abs, alpha=1.0 - beta)
+        b_y = p2.g_mean.abs().add_(p1.g_mean.abs()).mul_(1.0 - beta)
+        r_y = torch.add(p2.g_abs, p1.g_abs).mul_(1.0 - beta)
+        if "y_g_bound" in st:  # checkpoints from before the rule lack b_y, r_y: they start at 0
+            b_y.add_(st["y_g_bound"], alpha=beta)
+            r_y.add_(st["y_g_scale"], alpha=beta)
         st["s_g"], st["y_g"], st["y_g_bound"], st["y_g_scale"] = s, y, b_y, r_y
         if uninformative(b_y, r_y):
             self._count(name, "h_g_uninformative")
@@ -674,19 +676,10 @@ class _KBFGSBase(SecondOrderOptimizer):
             reason = "dd-skip"
         else:
             reason = None
-        if not self.limited_memory:
+        if self.limited_memory:
+            self._lbfgs_append(name, s_t, y_t, hy_t, reason, g["history_size"])
+        else:
             self._bfgs_dense(name, "h_g", s_t, y_t, hy_t, reason)
-            return
-        if reason is not None:
-            self._count(name, "h_g_skipped")
-            return
-        if all_finite([s_t, y_t, hy_t]):
-            mem = LB.lbfgs_append(LB.CompactLBFGS.from_state(st), s_t, y_t, g["history_size"])
-            if all_finite([mem.left, mem.right]):
-                st.update(mem.as_state())
-                self._count(name, "h_g_updates")
-                return
-        self._nonfinite(name, "h_g", "the L-BFGS memory update is not finite")
 
     def _h_g_operator(self, g: dict[str, Any], st: dict[str, Any], lam_g: float):
         """``v -> H_G v`` with the current ``H_G`` (the L-BFGS ``gamma`` follows ``damping``)."""
@@ -721,6 +714,23 @@ class _KBFGSBase(SecondOrderOptimizer):
                 self._count(name, f"{key}_updates")
                 return
         self._nonfinite(name, key, "the BFGS update is not finite")
+
+    def _lbfgs_append(
+        self, name: str, s: Tensor, y: Tensor, hy: Tensor, reason: str | None, history_size: int
+    ) -> None:
+        """K-BFGS(L): append ``(s~, y~)`` to the L-BFGS memory of ``H_G`` unless skipped; a memory
+        whose compact factors are not finite is not stored (as :meth:`_bfgs_dense`)."""
+        if reason is not None:
+            self._count(name, "h_g_skipped")
+            return
+        st = self.module_state[name]
+        if all_finite([s, y, hy]):
+            mem = LB.lbfgs_append(LB.CompactLBFGS.from_state(st), s, y, history_size)
+            if all_finite([mem.left, mem.right]):
+                st.update(mem.as_state())
+                self._count(name, "h_g_updates")
+                return
+        self._nonfinite(name, "h_g", "the L-BFGS memory update is not finite")
 
     def _nonfinite(self, name: str, key: str, why: str) -> None:
         """A failed ``H_A`` / ``H_G`` update: the previous state stays; counted and logged."""
