@@ -45,10 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
+    if args.batch is not None and args.batch < 1:
+        ap.error("--batch must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     problems = smoke.PROBLEMS if args.all else tuple(p for p in args.problems.split(",") if p)
     wanted = None if args.all else {r for r in args.rows.split(",") if r}
+    for problem in problems:
+        try:
+            smoke.rows(problem)
+        except ValueError as err:
+            ap.error(f"--problems: {err}")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps per run",
         flush=True,

@@ -68,7 +68,12 @@ class SmokeRow:
 
 
 def rows(problem: str) -> list[SmokeRow]:
-    """Every distinct ``(method, hp, l2)`` among the preset rows of the suites that have ``problem``."""
+    """Every distinct ``(method, hp, l2)`` among the preset rows of the suites that have ``problem``.
+
+    Raises:
+        ValueError: an unknown problem (naming the known ones).
+    """
+    P.get(problem)
     out: list[SmokeRow] = []
     seen: set[str] = set()
     for suite in PR.SUITES.values():
@@ -83,9 +88,9 @@ def rows(problem: str) -> list[SmokeRow]:
 
 
 def method_rows(problem: str) -> list[SmokeRow]:
-    """One row per method: the rows of the problem's default suite, then the first row of each
-    method that suite lacks (e.g. RMSprop, chapter 2 only). Every method, at the values a plain
-    ``secondorder bench --problem P`` would use."""
+    """Every method at least once: the rows of the problem's default suite (the values a plain
+    ``secondorder bench --problem P`` uses, e.g. K-BFGS and K-BFGS† both), then the first row of
+    each method that suite lacks (e.g. RMSprop, chapter 2 only)."""
     default = PR.default_suite(problem)
     everything = rows(problem)
     out = [r for r in everything if r.suite == default]
@@ -154,6 +159,9 @@ def stand_in(problem: str, n_train: int, n_test: int = 64, seed: int = 0) -> Dat
 def problem_at(problem: str, vgg_width: float = 1.0, ae_width: float = 1.0) -> P.Problem:
     """The problem, with a VGG16 of ``vgg_width`` times the channels and an autoencoder whose hidden
     layers (not the code layer) have ``ae_width`` times the units (1, 1: the thesis networks)."""
+    for arg, value in (("vgg_width", vgg_width), ("ae_width", ae_width)):
+        if not 0 < value <= 1:
+            raise ValueError(f"{arg} must be in (0, 1], got {value!r}")
     prob = P.get(problem)
     if vgg_width != 1.0 and problem.endswith("-vgg16"):
         return dataclasses.replace(prob, build=lambda c: M.vgg16_bn(c, width=vgg_width))
@@ -211,6 +219,9 @@ def run(
     term, ``so.Closure``, CIFAR crop-and-flip augmentation, the warm start, here over
     ``warm_batches`` minibatches), without its evaluations and LR schedule.
     """
+    for arg, value in (("steps", steps), ("batch", batch), ("warm_batches", warm_batches)):
+        if value is not None and (not isinstance(value, int) or value < (0 if arg == "warm_batches" else 1)):
+            raise ValueError(f"{arg} must be a positive integer, got {value!r}")
     prob = problem_at(problem, vgg_width, ae_width)
     m = batch or prob.batch_size
     data = P.prepare(prob, stand_in(problem, steps * m, seed=seed))
