@@ -106,3 +106,18 @@ def test_thesis_values() -> None:
     assert PR.thesis_value("ch3", "cifar100-resnet32", "tnt") == 71.70
     assert PR.thesis_value("ablation", "faces", "kbfgs-no-minibatch-ha") == 5.26
     assert PR.thesis_value("ch2", "curves", "kfac") is None
+
+
+@pytest.mark.parametrize("problem", PR.CNNS)
+def test_chapter2_kbfgs_rows_on_cnns_are_inferred_from_table_3_7(problem: str) -> None:
+    """Not in the thesis: damping 0.3 (DD needs <= 1), T = 20, and Table 3.7 kbfgs's BatchNorm
+    learning rate lr/lam and per-step decoupled decay lr * wd, so lr' = lr/lam, wd' = wd * lam."""
+    lr, wd, lam = PR.TABLE_3_7["kbfgs"][problem]
+    rows = {r.label: r for r in PR.rows_for("ch3", problem)}
+    for label in ("kbfgs20", "kbfgsl20"):
+        row = rows[label]
+        assert not row.default and "[inferred]" in row.source and row.method == label
+        assert row.hp["lr"] == pytest.approx(lr / lam) and row.hp["damping"] == 0.3
+        assert row.hp["lr"] * row.hp["weight_decay"] == pytest.approx(lr * wd)
+        assert row.hp["update_freq"] == 20 and row.hp["momentum_style"] == "accumulate"
+    assert rows["kbfgsl20"].hp["history_size"] == 100
