@@ -1,6 +1,7 @@
 """Capture layer: the closure, likelihoods, losses and layer hooks. Nothing method-specific."""
 
-from . import losses, statistics
+from . import blocks, losses, statistics
+from .blocks import LayerBlock, register_layer, unregister_layer
 from .closure import Closure, ForwardResult, preserved_norm_buffers
 from .hooks import (
     Capture,
@@ -9,6 +10,7 @@ from .hooks import (
     grad_matrix,
     input_rows,
     is_supported,
+    layer_blocks,
     num_locations,
     output_rows,
     patches,
@@ -20,24 +22,29 @@ from .likelihood import BatchReduction, Family, Likelihood, infer_likelihood
 
 __all__ = [
     "BatchReduction",
+    "blocks",
     "Capture",
     "Closure",
     "Family",
     "ForwardResult",
     "HookNeverFiredError",
     "LayerRecord",
+    "LayerBlock",
     "Likelihood",
     "grad_matrix",
     "infer_likelihood",
     "input_rows",
     "is_supported",
+    "layer_blocks",
     "losses",
     "num_locations",
     "output_rows",
     "patches",
     "preserved_norm_buffers",
+    "register_layer",
     "split_matrix",
     "statistics",
     "supported_modules",
+    "unregister_layer",
     "unwrap",
 ]

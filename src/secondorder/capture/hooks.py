@@ -1,4 +1,4 @@
-"""Layer capture for ``nn.Linear`` and ``nn.Conv2d``: inputs, pre-activations, their gradients.
+"""Layer capture for the modules a layer block models: inputs, pre-activations, their gradients.
 
 Hooks exist only inside :meth:`Capture.record`, a phase the optimizer controls: outside it
 the user's modules carry no hooks and no state. Inside, every registered module records
@@ -19,6 +19,9 @@ The helpers below turn these into the matrices of the Kronecker methods:
 * :func:`output_rows` -- the matching rows of ``h`` or ``dL/dh`` (channels last).
 * :func:`num_locations` -- ``|T|``, the number of output locations (1 for FC layers).
 
+Each of these asks the module's :class:`~secondorder.capture.blocks.LayerBlock` (the per-layer
+seam, :func:`layer_blocks` finds them in a model); they are kept as functions of the module.
+
 Means and second moments of these live in :mod:`secondorder.capture.statistics`.
 
 Nothing here is specific to one method.
@@ -32,13 +35,15 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
+
+from .blocks import LayerBlock, block_for
+from .blocks import conv_padding as conv_padding  # re-exported
+from .blocks import patches as patches  # re-exported
 
 logger = logging.getLogger(__name__)
 
-Modeled = nn.Linear | nn.Conv2d
+Modeled = nn.Module  # a module with a registered layer block (see capture.blocks)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -48,40 +53,39 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
-    """Symmetric zero padding of a conv layer as two ints, or ``None`` when unfold cannot express it."""
-    if module.padding_mode != "zeros":
-        return None
-    pad = module.padding
-    if isinstance(pad, str):
-        if pad == "valid":
-            return (0, 0)
-        out = []
-        for k, d in zip(module.kernel_size, module.dilation, strict=True):
-            total = d * (k - 1)
-            if total % 2:
-                return None
-            out.append(total // 2)
-        return (out[0], out[1])
-    return (int(pad[0]), int(pad[1]))
+def block(module: nn.Module) -> LayerBlock:
+    """The layer block of ``module`` (see :mod:`secondorder.capture.blocks`).
+
+    Raises:
+        ValueError: no block models ``module``.
+    """
+    b = block_for(module)
+    if b is None:
+        raise ValueError(f"module: no layer block models {type(module).__name__} {module}")
+    return b
 
 
 def is_supported(module: nn.Module) -> bool:
-    """Whether the Kronecker methods can model ``module`` (Linear; Conv2d with groups=1, zero padding)."""
-    if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and conv_padding(module) is not None
-    return False
+    """Whether a registered layer block models ``module`` (built in: Linear; Conv2d, groups=1)."""
+    return block_for(module) is not None
+
+
+def layer_blocks(model: nn.Module) -> dict[str, LayerBlock]:
+    """The layer block of every module of ``model`` (unwrapped) that one models, by module name.
+
+    Modules whose weight is frozen (``requires_grad=False``) are left out.
+    """
+    found: dict[str, LayerBlock] = {}
+    for name, module in unwrap(model).named_modules():
+        b = block_for(module)
+        if b is not None and b.weight.requires_grad:
+            found[name] = b
+    return found
 
 
 def supported_modules(model: nn.Module) -> dict[str, Modeled]:
-    """Every Linear/Conv2d layer of ``model`` (unwrapped) that :func:`is_supported`, by name."""
-    found: dict[str, Modeled] = {}
-    for name, module in unwrap(model).named_modules():
-        if is_supported(module) and module.weight.requires_grad:
-            found[name] = module  # type: ignore[assignment]
-    return found
+    """The modules of :func:`layer_blocks`, by name."""
+    return {name: b.module for name, b in layer_blocks(model).items()}
 
 
 def has_bias(module: nn.Module) -> bool:
@@ -90,19 +94,11 @@ def has_bias(module: nn.Module) -> bool:
 
 def input_dim(module: Modeled) -> int:
     """Length of an ``abar`` row: ``d_i`` (+1 for the bias), or ``J k_h k_w`` (+1) for conv."""
-    w = module.weight
-    return w[0].numel() + (1 if has_bias(module) else 0)
+    return block(module).input_dim
 
 
 def output_dim(module: Modeled) -> int:
-    return module.weight.shape[0]
-
-
-def patches(module: nn.Conv2d, a: Tensor) -> Tensor:
-    """im2col of a conv input: ``(m, J k_h k_w, |T|)`` in the ``weight.view(I, -1)`` order."""
-    pad = conv_padding(module)
-    assert pad is not None
-    return F.unfold(a, module.kernel_size, dilation=module.dilation, padding=pad, stride=module.stride)
+    return block(module).output_dim
 
 
 def input_rows(module: Modeled, a: Tensor, bias: bool | None = None) -> Tensor:
@@ -110,42 +106,27 @@ def input_rows(module: Modeled, a: Tensor, bias: bool | None = None) -> Tensor:
 
     For Linear layers extra leading dimensions of ``a`` (sequences) count as locations.
     """
-    if isinstance(module, nn.Conv2d):
-        p = patches(module, a)  # (m, D, T)
-        rows = p.transpose(1, 2).reshape(-1, p.shape[1])
-    else:
-        rows = a.reshape(-1, a.shape[-1])
-    if has_bias(module) if bias is None else bias:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return rows
+    return block(module).input_rows(a, bias)
 
 
 def output_rows(module: Modeled, h: Tensor) -> Tensor:
     """Rows of a pre-activation (or its gradient): ``(m |T|, d_o)``, channels last."""
-    if isinstance(module, nn.Conv2d):
-        return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
-    return h.reshape(-1, h.shape[-1])
+    return block(module).output_rows(h)
 
 
 def num_locations(module: Modeled, h: Tensor) -> int:
     """``|T|``: output locations per example (``H_out W_out`` for conv, 1 for a plain FC layer)."""
-    return h.numel() // (h.shape[0] * output_dim(module))
+    return block(module).num_locations(h)
 
 
 def grad_matrix(module: Modeled, weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
     """``[dW | db]`` as a ``(d_o, D)`` matrix in the ``abar`` column order."""
-    g = weight_grad.reshape(weight_grad.shape[0], -1)
-    if bias_grad is not None:
-        g = torch.cat([g, bias_grad.reshape(-1, 1)], dim=1)
-    return g
+    return block(module).grad_matrix(weight_grad, bias_grad)
 
 
 def split_matrix(module: Modeled, mat: Tensor) -> tuple[Tensor, Tensor | None]:
     """Inverse of :func:`grad_matrix`: the weight-shaped and bias-shaped parts of ``mat``."""
-    w = module.weight
-    if has_bias(module):
-        return mat[:, :-1].reshape(w.shape), mat[:, -1].reshape(module.bias.shape)
-    return mat.reshape(w.shape), None
+    return block(module).split_matrix(mat)
 
 
 @dataclass

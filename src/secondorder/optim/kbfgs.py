@@ -123,15 +123,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as D
-from ..capture import Capture, Closure, preserved_norm_buffers, supported_modules
+from ..capture import Closure, preserved_norm_buffers
 from ..capture import hooks as C
-from ..capture import statistics as S
 from ..linalg import LinAlgError, damped_inverse
 from ..linalg import bfgs as B
 from ..linalg import lbfgs as LB
 from ..linalg.finite import all_finite
 from . import hparams as H
-from .base import MomentumStyle, NonFiniteError, SecondOrderOptimizer
+from .base import MomentumStyle, NonFiniteError
+from .kronecker import KroneckerFactoredOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class _Pass2:
 
 
 # ------------------------------------------------------------------------------ optimizer
-class _KBFGSBase(SecondOrderOptimizer):
+class _KBFGSBase(KroneckerFactoredOptimizer):
     """Shared machinery of the four K-BFGS classes (see the module docstring)."""
 
     #: L-BFGS (True) or dense BFGS (False) for H_G
@@ -290,18 +290,7 @@ class _KBFGSBase(SecondOrderOptimizer):
             defaults["history_size"] = H.count("history_size", history_size)
         self._check_dd_damping(defaults)
         super().__init__(model, defaults)
-        self.layers = supported_modules(self.module)
-        self.capture = Capture(self.layers)
         self._logged: set[tuple[str, str]] = set()  # (layer, event) already logged once
-        modeled = {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
-        self.other_params = [n for n, p in self.named_params() if id(p) not in modeled]
-        logger.info(
-            "%s models %d layers (%s); %d other parameter tensors follow the momentum gradient",
-            self.method,
-            len(self.layers),
-            ", ".join(self.layers),
-            len(self.other_params),
-        )
 
     @staticmethod
     def _check_dd_damping(g: dict[str, Any]) -> None:
@@ -312,13 +301,8 @@ class _KBFGSBase(SecondOrderOptimizer):
                 f"mu2 = lambda_G = sqrt(damping) <= 1), got {g['damping']!r}; use pair_damping='dp-dlm'"
             )
 
-    @property
-    def modeled_modules(self) -> list[str]:
-        """Names of the layers with Kronecker factors."""
-        return list(self.layers)
-
     # --------------------------------------------------------------- layer state
-    def _init_layer(self, name: str, module: C.Modeled, a_batch: Tensor, locations: int) -> None:
+    def _init_layer(self, name: str, a_batch: Tensor, locations: int) -> None:
         """Alg. 9 line 3 / Alg. 4 line 3: ``H_A = (A + lambda_A I)^-1``, ``H_G``, ``s_G = y_G = 0``."""
         g = self.param_groups[0]
         lam_a, lam_g = damping_split(g["damping"], locations)
@@ -329,8 +313,9 @@ class _KBFGSBase(SecondOrderOptimizer):
             st["a_avg"] = a_batch
         if "s_g" in st:  # a later warm start re-initialises the A side only
             return
-        d_o = C.output_dim(module)
-        w = module.weight
+        block = self.blocks[name]
+        d_o = block.output_dim
+        w = block.weight
         gamma = self._initial_gamma(lam_g)
         if self.limited_memory:
             st.update(LB.lbfgs_empty(d_o, gamma, dtype=w.dtype, device=w.device).as_state())
@@ -361,10 +346,10 @@ class _KBFGSBase(SecondOrderOptimizer):
                         result = closure.forward(sync=False)
                     self._check_loss(result.loss)
                 self.stats.warm_start_forward_passes += 1
-                for name, module in self.layers.items():
+                for name, block in self.blocks.items():
                     rec = recs[name]
-                    a = S.input_gram(module, rec.inputs)  # type: ignore[arg-type]
-                    locations[name] = C.num_locations(module, rec.outputs)  # type: ignore[arg-type]
+                    a = block.input_gram(rec.inputs)  # type: ignore[arg-type]
+                    locations[name] = block.num_locations(rec.outputs)  # type: ignore[arg-type]
                     if name in sums:
                         sums[name].add_(a)
                     else:
@@ -374,7 +359,7 @@ class _KBFGSBase(SecondOrderOptimizer):
                 D.all_reduce_mean(list(sums.values()))
                 self._check_tensors("warm-start statistics", sums.values())
                 for name, a in sums.items():
-                    self._init_layer(name, self.layers[name], a.div_(count), locations[name])
+                    self._init_layer(name, a.div_(count), locations[name])
         return count
 
     # --------------------------------------------------------------------- step
@@ -398,9 +383,9 @@ class _KBFGSBase(SecondOrderOptimizer):
                 first = self._pass1_statistics(closure, recs)
                 for name in fresh:  # no warm start: A of the first batch
                     p1 = first[name]
-                    a_batch = S.input_gram(self.layers[name], p1.inputs)
+                    a_batch = self.blocks[name].input_gram(p1.inputs)
                     D.all_reduce_mean([a_batch])
-                    self._init_layer(name, self.layers[name], a_batch, p1.locations)
+                    self._init_layer(name, a_batch, p1.locations)
         del recs
 
         # the step (lines 7-11)
@@ -431,20 +416,20 @@ class _KBFGSBase(SecondOrderOptimizer):
     def _pass1_statistics(self, closure: Closure, recs: dict[str, C.LayerRecord]) -> dict[str, _Pass1]:
         factor = closure.batch_factor  # g_n = factor * dL/dh_n
         out: dict[str, _Pass1] = {}
-        for name, module in self.layers.items():
+        for name, block in self.blocks.items():
             rec = recs[name]
             if rec.output_grads is None or rec.inputs is None or rec.outputs is None:
                 raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
             h = rec.outputs.detach()
-            out_hw = tuple(h.shape[2:]) if isinstance(module, nn.Conv2d) else ()
+            out_hw = block.output_spatial_shape(h)
             out[name] = _Pass1(
                 inputs=rec.inputs,
                 out_hw=out_hw,
-                locations=C.num_locations(module, h),
-                h_mean=S.spatial_mean(module, h),
-                g_mean=S.spatial_mean(module, rec.output_grads).mul_(factor),
-                a_mean=S.input_mean(module, rec.inputs, out_hw),
-                g_abs=S.spatial_abs_mean(module, rec.output_grads).mul_(abs(factor)),
+                locations=block.num_locations(h),
+                h_mean=block.spatial_mean(h),
+                g_mean=block.spatial_mean(rec.output_grads).mul_(factor),
+                a_mean=block.input_mean(rec.inputs, out_hw),
+                g_abs=block.spatial_abs_mean(rec.output_grads).mul_(abs(factor)),
             )
         vecs = [v for p1 in out.values() for v in (p1.h_mean, p1.g_mean, p1.a_mean, p1.g_abs)]
         D.all_reduce_mean(vecs)
@@ -471,14 +456,14 @@ class _KBFGSBase(SecondOrderOptimizer):
             self.stats.backward_passes += 1
         factor = closure.batch_factor
         out: dict[str, _Pass2] = {}
-        for (name, module), h, dh in zip(self.layers.items(), hs, grads, strict=False):
+        for (name, block), h, dh in zip(self.blocks.items(), hs, grads, strict=False):
             if dh is None:
                 raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
             h = h.detach()
             out[name] = _Pass2(
-                h_mean=S.spatial_mean(module, h),
-                g_mean=S.spatial_mean(module, dh).mul_(factor),
-                g_abs=S.spatial_abs_mean(module, dh).mul_(abs(factor)),
+                h_mean=block.spatial_mean(h),
+                g_mean=block.spatial_mean(dh).mul_(factor),
+                g_abs=block.spatial_abs_mean(dh).mul_(abs(factor)),
             )
         vecs = [v for p2 in out.values() for v in p2.tensors()]
         D.all_reduce_mean(vecs)
@@ -522,8 +507,8 @@ class _KBFGSBase(SecondOrderOptimizer):
     def _apply_step(self, g: dict[str, Any], lr: float) -> dict[Tensor, Tensor]:
         mu, style, wd = g["momentum"], g["momentum_style"], g["weight_decay"]
         momenta: dict[Tensor, Tensor] = {}
-        for name, module in self.layers.items():
-            w, b = module.weight, module.bias
+        for name, block in self.blocks.items():
+            w, b = block.weight, block.bias
             if w.grad is None:
                 continue
             gw = momenta[w] = self._new_momentum(w, self._gradient(w), mu, style)
@@ -531,7 +516,7 @@ class _KBFGSBase(SecondOrderOptimizer):
             if b is not None:
                 grad_b = self._gradient(b) if b.grad is not None else torch.zeros_like(b)
                 gb = momenta[b] = self._new_momentum(b, grad_b, mu, style)
-            pw, pb = C.split_matrix(module, self._precondition(name, C.grad_matrix(module, gw, gb)))
+            pw, pb = block.split_matrix(self._precondition(name, block.grad_matrix(gw, gb)))
             self._apply_update(w, pw, lr, wd)
             if b is not None and pb is not None:
                 self._apply_update(b, pb, lr, wd)
@@ -576,13 +561,13 @@ class _KBFGSBase(SecondOrderOptimizer):
         """
         dense = g["a_statistic"] == AStatistic.MOVING_AVERAGE.value or g["a_inverse"] == AInverse.EXACT.value
         out: dict[str, tuple[Tensor | None, Tensor]] = {}
-        for name, module in self.layers.items():
+        for name, block in self.blocks.items():
             p1 = first[name]
             if dense:
-                out[name] = (None, S.input_gram(module, p1.inputs))
+                out[name] = (None, block.input_gram(p1.inputs))
             else:
                 s_a = torch.mv(self.module_state[name]["h_a"], p1.a_mean)  # s_A = H_A abar
-                out[name] = (s_a, S.input_action(module, p1.inputs, s_a))  # A~ s_A by (3.15)
+                out[name] = (s_a, block.input_action(p1.inputs, s_a))  # A~ s_A by (3.15)
         D.all_reduce_mean([prod for _, prod in out.values()])
         return out
 

@@ -43,11 +43,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as D
-from ..capture import Capture, Closure, preserved_norm_buffers, supported_modules
+from ..capture import Closure, preserved_norm_buffers
 from ..capture import hooks as C
 from ..linalg import LinAlgError, damped_inverse, ema_gram_, gram, gram_, kron_apply, pi_split
 from . import hparams as H
-from .base import MomentumStyle, SecondOrderOptimizer
+from .base import MomentumStyle
+from .kronecker import KroneckerFactoredOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class PiSplit(str, enum.Enum):
     NONE = "none"  # pi = 1: Algorithm 7 and the published chapter-2/4 code
 
 
-class KFAC(SecondOrderOptimizer):
+class KFAC(KroneckerFactoredOptimizer):
     """KFAC with the sampled-label Fisher (Algorithm 12; Algorithm 7 for FC layers).
 
     Args:
@@ -108,22 +109,6 @@ class KFAC(SecondOrderOptimizer):
             momentum_style=H.choice("momentum_style", momentum_style, MomentumStyle),
         )
         super().__init__(model, defaults, seed=seed)
-        self.layers = supported_modules(self.module)
-        self.capture = Capture(self.layers)
-        modeled = {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
-        self.other_params = [n for n, p in self.named_params() if id(p) not in modeled]
-        logger.info(
-            "%s models %d layers (%s); %d other parameter tensors follow the momentum gradient",
-            self.method,
-            len(self.layers),
-            ", ".join(self.layers),
-            len(self.other_params),
-        )
-
-    @property
-    def modeled_modules(self) -> list[str]:
-        """Names of the layers with Kronecker factors."""
-        return list(self.layers)
 
     # --------------------------------------------------------------- statistics
     def _factor_rows(
@@ -139,13 +124,13 @@ class KFAC(SecondOrderOptimizer):
         m = closure.batch_size
         factor = closure.batch_factor  # g_n = factor * dL/dh_n
         out: dict[str, tuple[Tensor, float, Tensor, float]] = {}
-        for name, module in self.layers.items():
+        for name, block in self.blocks.items():
             rec, dh = recs[name], grads[name]
             if dh is None or rec.inputs is None:
                 raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
-            a = C.input_rows(module, rec.inputs)  # (m|T|, D)
-            g = C.output_rows(module, dh)  # (m|T|, d_o), unscaled dL/dh
-            t = C.num_locations(module, dh)
+            a = block.input_rows(rec.inputs)  # (m|T|, D)
+            g = block.output_rows(dh)  # (m|T|, d_o), unscaled dL/dh
+            t = block.num_locations(dh)
             out[name] = (a, 1.0 / m, g, factor * factor / (m * t))
         self._check_tensors("curvature statistics", [x for rows in out.values() for x in (rows[0], rows[2])])
         return out
@@ -277,15 +262,15 @@ class KFAC(SecondOrderOptimizer):
         Parameters of layers without factors follow the momentum gradient.
         """
         lr, wd, mu, style = g["lr"], g["weight_decay"], g["momentum"], g["momentum_style"]
-        for name, module in self.layers.items():
-            w, b = module.weight, module.bias
+        for name, block in self.blocks.items():
+            w, b = block.weight, block.bias
             if w.grad is None:
                 continue
             gw = self._momentum(w, w.grad, mu, style)
             gb = self._momentum(b, b.grad, mu, style) if b is not None and b.grad is not None else None
             st = self.module_state[name]
-            direction = kron_apply(st["gamma_inv"], C.grad_matrix(module, gw, gb), st["omega_inv"])
-            pw, pb = C.split_matrix(module, direction)
+            direction = kron_apply(st["gamma_inv"], block.grad_matrix(gw, gb), st["omega_inv"])
+            pw, pb = block.split_matrix(direction)
             self._apply_update(w, pw, lr, wd)
             if b is not None and pb is not None:
                 self._apply_update(b, pb, lr, wd)

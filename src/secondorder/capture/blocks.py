@@ -1,0 +1,355 @@
+"""Layer blocks: the per-layer seam of the Kronecker-factored methods, and its open registry.
+
+A Kronecker-factored method (KFAC, K-BFGS) sees a layer as a map ``h_t = W abar_t`` per example
+and output location ``t``: ``abar_t`` is the layer input (a patch of it for a convolution) with the
+homogeneous 1 appended when the layer has a bias, ``W = [weight | bias]`` is a ``(d_o, D)``
+matrix, and ``h_t`` the pre-activation. A :class:`LayerBlock` says, for one layer type, how the
+captured tensors of that view are laid out:
+
+* :meth:`LayerBlock.layer_input` -- which tensor of the module's call is ``a`` (default: the
+  first positional argument);
+* :meth:`LayerBlock.input_rows` / :meth:`LayerBlock.output_rows` -- the ``abar_t`` rows and the
+  matching rows of ``h`` (or ``dL/dh``), one per example and location;
+* :meth:`LayerBlock.grad_matrix` / :meth:`LayerBlock.split_matrix` -- the parameters' gradient as
+  the ``(d_o, D)`` matrix and back;
+* the statistics the methods need (means over examples and locations, ``A v``, ``A``), with
+  generic defaults computed from the rows, which a block overrides with faster forms.
+
+The methods never test a module's type: they ask the registry (:func:`block_for`) for the block
+of each module. ``nn.Linear`` (any number of leading dimensions: the extra ones count as
+locations) and ``nn.Conv2d`` (``groups == 1``, zero padding) are built in; a user adds a layer type
+with :func:`register_layer`. Nothing here is specific to one method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..linalg import bfgs as B
+from ..linalg.kron import gram, gram_
+
+__all__ = [
+    "Conv2dBlock",
+    "LayerBlock",
+    "LinearBlock",
+    "block_for",
+    "block_type_for",
+    "conv_kwargs",
+    "conv_padding",
+    "patches",
+    "register_layer",
+    "registered_layers",
+    "unregister_layer",
+]
+
+
+def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
+    """Symmetric zero padding of a conv layer as two ints, or ``None`` when unfold cannot express it."""
+    if module.padding_mode != "zeros":
+        return None
+    pad = module.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0, 0)
+        out = []
+        for k, d in zip(module.kernel_size, module.dilation, strict=True):
+            total = d * (k - 1)
+            if total % 2:
+                return None
+            out.append(total // 2)
+        return (out[0], out[1])
+    return (int(pad[0]), int(pad[1]))
+
+
+def conv_kwargs(module: nn.Conv2d) -> dict[str, Any]:
+    """The geometry of a conv layer as keyword arguments of ``F.conv2d`` and ``conv2d_weight``."""
+    return dict(stride=module.stride, padding=conv_padding(module), dilation=module.dilation)
+
+
+def patches(module: nn.Conv2d, a: Tensor) -> Tensor:
+    """im2col of a conv input: ``(m, J k_h k_w, |T|)`` in the ``weight.view(I, -1)`` order."""
+    pad = conv_padding(module)
+    assert pad is not None
+    return F.unfold(a, module.kernel_size, dilation=module.dilation, padding=pad, stride=module.stride)
+
+
+class LayerBlock:
+    """How one layer type presents itself to the Kronecker-factored methods (see the module doc).
+
+    A block wraps one module. A new layer type needs :meth:`input_rows` and :meth:`output_rows`
+    (and :meth:`unsupported` when only some configurations fit the ``h_t = W abar_t`` view); the
+    rest has defaults that assume the module has a ``weight`` whose first dimension is ``d_o`` and
+    an optional ``bias`` of shape ``(d_o,)``. Register it with :func:`register_layer`.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        """Why ``module`` cannot be modeled by this block (a short phrase), or ``None`` if it can."""
+        return None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight  # type: ignore[return-value]
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.module, "bias", None)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+    def parameters(self) -> list[Tensor]:
+        """The tensors this block preconditions: ``weight`` and, if present, ``bias``."""
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    @property
+    def input_dim(self) -> int:
+        """``D``: the length of an ``abar`` row (the homogeneous 1 included)."""
+        return self.weight[0].numel() + (1 if self.has_bias else 0)
+
+    @property
+    def output_dim(self) -> int:
+        """``d_o``: the length of an ``h`` row."""
+        return self.weight.shape[0]
+
+    # ------------------------------------------------------------------ captured tensors
+    def layer_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """The input ``a`` among the arguments of one call of the module (default: the first)."""
+        return args[0]
+
+    def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
+        """The ``abar`` rows, ``(m |T|, D)``, the homogeneous 1 last when ``bias`` (default: the layer's)."""
+        raise NotImplementedError(f"{type(self).__name__} must define input_rows")
+
+    def output_rows(self, h: Tensor) -> Tensor:
+        """The rows of ``h`` (or ``dL/dh``), ``(m |T|, d_o)``, in the order of :meth:`input_rows`."""
+        raise NotImplementedError(f"{type(self).__name__} must define output_rows")
+
+    def num_locations(self, h: Tensor) -> int:
+        """``|T|``: output locations per example."""
+        return h.numel() // (h.shape[0] * self.output_dim)
+
+    def output_spatial_shape(self, h: Tensor) -> tuple[int, ...]:
+        """The shape of the locations of ``h`` as :meth:`input_mean` wants it (``()`` by default)."""
+        return ()
+
+    # ------------------------------------------------------------------ gradient layout
+    def grad_matrix(self, weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
+        """``[dW | db]`` as a ``(d_o, D)`` matrix in the ``abar`` column order."""
+        g = weight_grad.reshape(weight_grad.shape[0], -1)
+        if bias_grad is not None:
+            g = torch.cat([g, bias_grad.reshape(-1, 1)], dim=1)
+        return g
+
+    def split_matrix(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Inverse of :meth:`grad_matrix`: the weight-shaped and bias-shaped parts of ``mat``."""
+        w, b = self.weight, self.bias
+        if b is not None:
+            return mat[:, :-1].reshape(w.shape), mat[:, -1].reshape(b.shape)
+        return mat.reshape(w.shape), None
+
+    # ------------------------------------------------------------------ statistics
+    def spatial_mean(self, h: Tensor) -> Tensor:
+        """The mean over examples and locations of ``h`` (or ``dL/dh``): ``(d_o,)``.
+
+        (A sum divided by the count: on CPU ``Tensor.mean(0)`` is much slower than ``sum(0)``.)
+        """
+        rows = self.output_rows(h)
+        return rows.sum(0).div_(rows.shape[0])
+
+    def spatial_abs_mean(self, h: Tensor) -> Tensor:
+        """The mean over examples and locations of ``|h|`` (or ``|dL/dh|``): ``(d_o,)``.
+
+        The rounding error of :meth:`spatial_mean` in component ``c`` is at most a small multiple
+        of the unit round-off times this mean, so a difference of two spatial means below that
+        level carries no information.
+        """
+        rows = self.output_rows(h)
+        return torch.linalg.vector_norm(rows, 1, dim=0).div_(rows.shape[0])
+
+    def input_mean(self, a: Tensor, out_hw: tuple[int, ...]) -> Tensor:
+        """``abar``: the mean over examples and locations of the ``abar_{n,t}`` rows (with the 1).
+
+        ``out_hw`` is :meth:`output_spatial_shape` of the layer's output.
+        """
+        rows = self.input_rows(a, bias=False)
+        mean = rows.sum(0).div_(rows.shape[0])
+        if self.has_bias:
+            mean = torch.cat([mean, mean.new_ones(1)])
+        return mean
+
+    def input_action(self, a: Tensor, v: Tensor) -> Tensor:
+        """(3.15): ``A v = (1/m) sum_{n,t} abar_{n,t} (abar_{n,t}^T v)`` without forming ``A``."""
+        return B.gram_action(self.input_rows(a, bias=False), v, 1.0 / a.shape[0], self.has_bias)
+
+    def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+        """``A = (1/m) sum_{n,t} abar_{n,t} abar_{n,t}^T``, dense ``(D, D)``.
+
+        ``chunk_elements`` bounds the row entries a block forms at once where it builds rows
+        bigger than its input (im2col); the default form builds them all.
+        """
+        return gram(self.input_rows(a), 1.0 / a.shape[0])
+
+
+class LinearBlock(LayerBlock):
+    """``nn.Linear``: ``abar`` is the input row; leading dimensions beyond the batch are locations."""
+
+    def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
+        rows = a.reshape(-1, a.shape[-1])
+        if self.has_bias if bias is None else bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows
+
+    def output_rows(self, h: Tensor) -> Tensor:
+        return h.reshape(-1, h.shape[-1])
+
+
+class Conv2dBlock(LayerBlock):
+    """``nn.Conv2d`` with ``groups == 1`` and zero padding: ``abar_t`` is the im2col patch at ``t``.
+
+    The patch order (channel, kernel row, kernel column) is that of ``weight.view(d_o, -1)``.
+    """
+
+    module: nn.Conv2d
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        assert isinstance(module, nn.Conv2d)
+        if module.groups != 1:
+            return f"groups={module.groups}"
+        if conv_padding(module) is None:
+            return f"padding {module.padding!r} with padding_mode={module.padding_mode!r}"
+        return None
+
+    def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
+        p = patches(self.module, a)  # (m, D, T)
+        rows = p.transpose(1, 2).reshape(-1, p.shape[1])
+        if self.has_bias if bias is None else bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows
+
+    def output_rows(self, h: Tensor) -> Tensor:
+        return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+
+    def output_spatial_shape(self, h: Tensor) -> tuple[int, ...]:
+        return tuple(h.shape[2:])
+
+    def spatial_mean(self, h: Tensor) -> Tensor:
+        return h.sum((0, 2, 3)).div_(h.numel() // h.shape[1])
+
+    def spatial_abs_mean(self, h: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(h, 1, dim=(0, 2, 3)).div_(h.numel() // h.shape[1])
+
+    def input_mean(self, a: Tensor, out_hw: tuple[int, ...]) -> Tensor:
+        # the patch sum is the weight gradient of a one-filter convolution whose output gradient is 1
+        ones = a.new_ones(a.shape[0], 1, *out_hw)
+        shape = (1, *self.module.weight.shape[1:])
+        total = torch.nn.grad.conv2d_weight(a, shape, ones, **conv_kwargs(self.module)).reshape(-1)
+        mean = total.div_(ones.numel())
+        if self.has_bias:
+            mean = torch.cat([mean, mean.new_ones(1)])
+        return mean
+
+    def input_action(self, a: Tensor, v: Tensor) -> Tensor:
+        # abar_t^T v is a one-filter convolution; the sum over (n, t) is that filter's weight gradient
+        m = a.shape[0]
+        kw = conv_kwargs(self.module)
+        shape = (1, *self.module.weight.shape[1:])
+        d0 = self.module.weight[0].numel()
+        u = F.conv2d(a, v[:d0].reshape(shape), v[d0:] if self.has_bias else None, **kw)
+        out = torch.nn.grad.conv2d_weight(a, shape, u, **kw).reshape(-1)
+        if self.has_bias:
+            out = torch.cat([out, u.sum().reshape(1)])
+        return out.div_(m)
+
+    def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+        # im2col of chunk_elements patch entries at a time, so memory stays bounded
+        m = a.shape[0]
+        dim = self.input_dim
+        out = a.new_zeros(dim, dim)
+        per_example = patches(self.module, a[:1]).numel()
+        step = max(1, chunk_elements // max(1, per_example))
+        for i in range(0, m, step):
+            gram_(out, self.input_rows(a[i : i + step]), 1.0)
+        return out.div_(m)
+
+
+# ---------------------------------------------------------------------- the registry
+_REGISTRY: dict[type[nn.Module], type[LayerBlock]] = {}
+_BUILT_IN: dict[type[nn.Module], type[LayerBlock]] = {nn.Linear: LinearBlock, nn.Conv2d: Conv2dBlock}
+_REGISTRY.update(_BUILT_IN)
+
+BlockT = TypeVar("BlockT", bound=type[LayerBlock])
+
+
+def register_layer(
+    module_type: type[nn.Module], block: BlockT | None = None
+) -> BlockT | Callable[[BlockT], BlockT]:
+    """Model every module of ``module_type`` (and of its subclasses) with ``block``.
+
+    Use it as a call, ``register_layer(MyLayer, MyBlock)``, or as a class decorator of the
+    block, ``@register_layer(MyLayer)``. A later registration of the same type replaces the
+    earlier one (built-in types included); :func:`unregister_layer` removes it. Optimizers look
+    blocks up when they are constructed.
+
+    Raises:
+        ValueError: ``module_type`` is not an ``nn.Module`` subclass, or ``block`` not a
+            :class:`LayerBlock` subclass.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise ValueError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+
+    def add(cls: BlockT) -> BlockT:
+        if not (isinstance(cls, type) and issubclass(cls, LayerBlock)):
+            raise ValueError(f"block must be a LayerBlock subclass, got {cls!r}")
+        _REGISTRY[module_type] = cls
+        return cls
+
+    return add if block is None else add(block)
+
+
+def unregister_layer(module_type: type[nn.Module]) -> None:
+    """Forget the block registered for ``module_type`` (a built-in type gets its built-in block back).
+
+    Raises:
+        ValueError: nothing is registered for ``module_type``.
+    """
+    if module_type not in _REGISTRY:
+        raise ValueError(f"module_type: no block is registered for {module_type!r}")
+    if module_type in _BUILT_IN:
+        _REGISTRY[module_type] = _BUILT_IN[module_type]
+    else:
+        del _REGISTRY[module_type]
+
+
+def registered_layers() -> dict[type[nn.Module], type[LayerBlock]]:
+    """A copy of the registry: module type -> block class."""
+    return dict(_REGISTRY)
+
+
+def block_type_for(module: nn.Module) -> type[LayerBlock] | None:
+    """The block class registered for ``module``'s type or its nearest registered base class."""
+    for cls in type(module).__mro__:
+        block = _REGISTRY.get(cls)  # type: ignore[arg-type]
+        if block is not None:
+            return block
+    return None
+
+
+def block_for(module: nn.Module) -> LayerBlock | None:
+    """The block that models ``module``, or ``None`` (no block registered, or this configuration
+    is unsupported)."""
+    cls = block_type_for(module)
+    if cls is None or cls.unsupported(module) is not None:
+        return None
+    return cls(module)
