@@ -15,7 +15,15 @@ import importlib
 from typing import Any
 
 from . import capture, distributed, linalg, optim
-from .capture import Closure, Likelihood, infer_likelihood, losses
+from .capture import (
+    Closure,
+    LayerBlock,
+    Likelihood,
+    infer_likelihood,
+    losses,
+    register_layer,
+    unregister_layer,
+)
 from .optim import (
     KBFGS,
     KBFGS20,
@@ -62,6 +70,7 @@ __all__ = [
     "HessianFree",
     "Shampoo",
     "Closure",
+    "LayerBlock",
     "Likelihood",
     "NonFiniteError",
     "RMSprop",
@@ -74,6 +83,8 @@ __all__ = [
     "linalg",
     "losses",
     "make_optimizer",
+    "register_layer",
+    "unregister_layer",
     "optim",
 ]
 

@@ -149,8 +149,12 @@ class HookNeverFiredError(RuntimeError):
 class Capture:
     """Forward/tensor hooks over a fixed set of layers, alive only inside :meth:`record`."""
 
-    def __init__(self, modules: Mapping[str, Modeled]):
-        self.modules = dict(modules)
+    def __init__(self, modules: Mapping[str, Modeled | LayerBlock]):
+        """``modules``: name -> module, or name -> its layer block (whose
+        :meth:`~secondorder.capture.blocks.LayerBlock.layer_input` picks the recorded input;
+        for a plain module it is the block's registered for it, else the first argument)."""
+        self.blocks = {n: m if isinstance(m, LayerBlock) else block_for(m) for n, m in modules.items()}
+        self.modules = {n: m.module if isinstance(m, LayerBlock) else m for n, m in modules.items()}
         logger.info("capturing %d layers: %s", len(self.modules), ", ".join(self.modules) or "(none)")
 
     @contextmanager
@@ -179,7 +183,9 @@ class Capture:
                 if r is not None:
                     r.output_grads = grad.detach()
 
-            def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            block = self.blocks[rec.name]
+
+            def hook(module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> None:
                 rec.calls += 1
                 if rec.calls > 1:
                     raise RuntimeError(
@@ -187,7 +193,8 @@ class Capture:
                         "sharing is not supported by the Kronecker-factored methods"
                     )
                 if inputs:
-                    rec.inputs = args[0].detach()
+                    a = block.layer_input(args, kwargs) if block is not None else args[0]
+                    rec.inputs = a.detach()
                 if outputs:
                     rec.outputs = out
                 if output_grads and out.requires_grad:
@@ -196,7 +203,7 @@ class Capture:
             return hook
 
         for name, module in self.modules.items():
-            handles.append(module.register_forward_hook(make_hook(records[name])))
+            handles.append(module.register_forward_hook(make_hook(records[name]), with_kwargs=True))
         try:
             yield records
         finally:

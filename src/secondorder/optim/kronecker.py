@@ -35,7 +35,7 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         super().__init__(model, defaults, seed=seed)
         self.blocks = layer_blocks(self.module)
         self.layers = {name: b.module for name, b in self.blocks.items()}
-        self.capture = Capture(self.layers)
+        self.capture = Capture(self.blocks)
         modeled = {id(p) for b in self.blocks.values() for p in b.parameters()}
         self.other_params = [n for n, p in self.named_params() if id(p) not in modeled]
         logger.info(
