@@ -22,6 +22,7 @@ import enum
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from torch import nn
 
 from ..capture import Closure
 from ..optim import NonFiniteError, SecondOrderOptimizer, make_optimizer, optimizer_class
+from ..optim.kronecker import UnmodeledParametersWarning
 from . import problems as P
 from .presets import FIRST_ORDER
 from .store import run_key
@@ -169,7 +171,11 @@ def build_optimizer(method: str, model: nn.Module, hp: dict[str, Any]) -> Second
     except NotImplementedError:
         raise MethodUnavailable(f"{method}: not implemented yet in this version of secondorder") from None
     try:
-        return make_optimizer(method, model, **hp)
+        with warnings.catch_warnings():
+            # the presets run the thesis's rule for what KFAC / K-BFGS do not model (BatchNorm:
+            # the momentum gradient, 3.4.3 / 3.7.2) on purpose
+            warnings.simplefilter("ignore", UnmodeledParametersWarning)
+            return make_optimizer(method, model, **hp)
     except ValueError as err:
         raise MethodUnavailable(f"{method}: hyper-parameters rejected ({err})") from None
 

@@ -16,6 +16,7 @@ from .hooks import (
     patches,
     split_matrix,
     supported_modules,
+    unmodeled_modules,
     unwrap,
 )
 from .likelihood import BatchReduction, Family, Likelihood, infer_likelihood
@@ -45,6 +46,7 @@ __all__ = [
     "split_matrix",
     "statistics",
     "supported_modules",
+    "unmodeled_modules",
     "unregister_layer",
     "unwrap",
 ]

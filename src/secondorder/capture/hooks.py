@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from .blocks import LayerBlock, block_for
+from .blocks import LayerBlock, block_for, block_type_for
 from .blocks import conv_padding as conv_padding  # re-exported
 from .blocks import patches as patches  # re-exported
 
@@ -70,17 +70,62 @@ def is_supported(module: nn.Module) -> bool:
     return block_for(module) is not None
 
 
+#: modules that use their children's weights through functional calls instead of calling them
+#: (``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward``):
+#: a forward hook on such a child never fires, so no block is given to it
+FUNCTIONAL_PARENTS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+
+def _functional_children(model: nn.Module) -> dict[str, str]:
+    """Names of the modules inside a :data:`FUNCTIONAL_PARENTS` module -> that parent's name."""
+    out: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FUNCTIONAL_PARENTS) and name not in out:
+            for child, _ in module.named_modules(prefix=name):
+                if child != name:
+                    out.setdefault(child, name)
+    return out
+
+
 def layer_blocks(model: nn.Module) -> dict[str, LayerBlock]:
     """The layer block of every module of ``model`` (unwrapped) that one models, by module name.
 
-    Modules whose weight is frozen (``requires_grad=False``) are left out.
+    Modules whose weight is frozen (``requires_grad=False``) are left out, and so are the
+    children of :data:`FUNCTIONAL_PARENTS` (see :func:`unmodeled_modules`).
     """
+    model = unwrap(model)
+    functional = _functional_children(model)
     found: dict[str, LayerBlock] = {}
-    for name, module in unwrap(model).named_modules():
-        b = block_for(module)
+    for name, module in model.named_modules():
+        b = block_for(module) if name not in functional else None
         if b is not None and b.weight.requires_grad:
             found[name] = b
     return found
+
+
+def unmodeled_modules(model: nn.Module) -> dict[str, str]:
+    """Why each module that owns trainable parameters has no block: module name -> reason."""
+    model = unwrap(model)
+    functional = _functional_children(model)
+    out: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        kind = type(module).__name__
+        cls = block_type_for(module)
+        if name in functional:
+            parent = functional[name]
+            out[name] = (
+                f"{kind} used through a functional call by its parent "
+                f"{type(model.get_submodule(parent)).__name__} '{parent}'"
+            )
+        elif cls is None:
+            out[name] = f"no layer block for {kind}"
+        elif (why := cls.unsupported(module)) is not None:
+            out[name] = f"{kind} with {why} is not supported by {cls.__name__}"
+        elif not module.weight.requires_grad:
+            out[name] = f"{kind} with a frozen weight"
+    return out
 
 
 def supported_modules(model: nn.Module) -> dict[str, Modeled]:
@@ -215,5 +260,7 @@ class Capture:
                 raise HookNeverFiredError(
                     "these registered layers never ran in the forward pass: "
                     + ", ".join(silent)
-                    + ". Exclude them from the model or freeze their parameters (requires_grad=False)."
+                    + ". A module whose weight is used through a functional call is never called: "
+                    "pass exclude=[...] with these names to the optimizer, or freeze their "
+                    "parameters (requires_grad=False)."
                 )

@@ -131,7 +131,7 @@ from ..linalg import lbfgs as LB
 from ..linalg.finite import all_finite
 from . import hparams as H
 from .base import MomentumStyle, NonFiniteError
-from .kronecker import KroneckerFactoredOptimizer
+from .kronecker import KroneckerFactoredOptimizer, LayerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +262,8 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
         double_grad: bool,
         lr_decay_power: float,
         momentum_style: str,
+        layers: LayerSpec | Iterable[LayerSpec] | None,
+        exclude: LayerSpec | Iterable[LayerSpec] | None,
     ) -> None:
         mu1 = H.fraction("mu1", mu1)
         if mu1 == 0:
@@ -289,7 +291,7 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
         if history_size is not None:
             defaults["history_size"] = H.count("history_size", history_size)
         self._check_dd_damping(defaults)
-        super().__init__(model, defaults)
+        super().__init__(model, defaults, layers=layers, exclude=exclude)
         self._logged: set[tuple[str, str]] = set()  # (layer, event) already logged once
 
     @staticmethod
@@ -787,6 +789,9 @@ class KBFGS(_KBFGSBase):
         pair_damping, a_statistic, a_inverse, skip_rule, double_grad, lr_decay_power: thesis
             variants (module docstring, :data:`VARIANTS`).
         momentum_style: ``"accumulate"`` (ch. 3) or ``"average"`` (ch. 2).
+        layers, exclude: which layers get Kronecker factors (module names, ``fnmatch`` patterns or
+            types; default every layer a block models); see
+            :class:`~secondorder.optim.kronecker.KroneckerFactoredOptimizer`.
     """
 
     method = "kbfgs"
@@ -808,6 +813,8 @@ class KBFGS(_KBFGSBase):
         double_grad: bool = False,
         lr_decay_power: float = 0.0,
         momentum_style: str = MomentumStyle.ACCUMULATE.value,
+        layers: LayerSpec | Iterable[LayerSpec] | None = None,
+        exclude: LayerSpec | Iterable[LayerSpec] | None = None,
     ):
         self._setup(
             model,
@@ -826,6 +833,8 @@ class KBFGS(_KBFGSBase):
             double_grad=double_grad,
             lr_decay_power=lr_decay_power,
             momentum_style=momentum_style,
+            layers=layers,
+            exclude=exclude,
         )
 
 
@@ -857,6 +866,8 @@ class KBFGSL(_KBFGSBase):
         double_grad: bool = False,
         lr_decay_power: float = 0.0,
         momentum_style: str = MomentumStyle.ACCUMULATE.value,
+        layers: LayerSpec | Iterable[LayerSpec] | None = None,
+        exclude: LayerSpec | Iterable[LayerSpec] | None = None,
     ):
         self._setup(
             model,
@@ -875,6 +886,8 @@ class KBFGSL(_KBFGSBase):
             double_grad=double_grad,
             lr_decay_power=lr_decay_power,
             momentum_style=momentum_style,
+            layers=layers,
+            exclude=exclude,
         )
 
 
@@ -906,6 +919,8 @@ class KBFGS20(_KBFGSBase):
         double_grad: bool = False,
         lr_decay_power: float = 0.0,
         momentum_style: str = MomentumStyle.AVERAGE.value,
+        layers: LayerSpec | Iterable[LayerSpec] | None = None,
+        exclude: LayerSpec | Iterable[LayerSpec] | None = None,
     ):
         self._setup(
             model,
@@ -924,6 +939,8 @@ class KBFGS20(_KBFGSBase):
             double_grad=double_grad,
             lr_decay_power=lr_decay_power,
             momentum_style=momentum_style,
+            layers=layers,
+            exclude=exclude,
         )
 
 
@@ -956,6 +973,8 @@ class KBFGSL20(_KBFGSBase):
         double_grad: bool = False,
         lr_decay_power: float = 0.0,
         momentum_style: str = MomentumStyle.AVERAGE.value,
+        layers: LayerSpec | Iterable[LayerSpec] | None = None,
+        exclude: LayerSpec | Iterable[LayerSpec] | None = None,
     ):
         self._setup(
             model,
@@ -974,6 +993,8 @@ class KBFGSL20(_KBFGSBase):
             double_grad=double_grad,
             lr_decay_power=lr_decay_power,
             momentum_style=momentum_style,
+            layers=layers,
+            exclude=exclude,
         )
 
 

@@ -48,7 +48,7 @@ from ..capture import hooks as C
 from ..linalg import LinAlgError, damped_inverse, ema_gram_, gram, gram_, kron_apply, pi_split
 from . import hparams as H
 from .base import MomentumStyle
-from .kronecker import KroneckerFactoredOptimizer
+from .kronecker import KroneckerFactoredOptimizer, LayerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,9 @@ class KFAC(KroneckerFactoredOptimizer):
         pi: ``"trace"`` (thesis) or ``"none"`` (pi = 1, published code).
         momentum_style: ``"accumulate"`` (ch. 3-4) or ``"average"`` (ch. 2).
         seed: seed of the optimizer's generator for sampled targets (default ``torch.initial_seed()``).
+        layers, exclude: which layers get Kronecker factors (module names, ``fnmatch`` patterns or
+            types; default every layer a block models); see
+            :class:`~secondorder.optim.kronecker.KroneckerFactoredOptimizer`.
     """
 
     method = "kfac"
@@ -94,6 +97,8 @@ class KFAC(KroneckerFactoredOptimizer):
         pi: str = PiSplit.TRACE.value,
         momentum_style: str = MomentumStyle.ACCUMULATE.value,
         seed: int | None = None,
+        layers: LayerSpec | Iterable[LayerSpec] | None = None,
+        exclude: LayerSpec | Iterable[LayerSpec] | None = None,
     ):
         defaults = dict(
             **H.shared(
@@ -108,7 +113,7 @@ class KFAC(KroneckerFactoredOptimizer):
             pi=H.choice("pi", pi, PiSplit),
             momentum_style=H.choice("momentum_style", momentum_style, MomentumStyle),
         )
-        super().__init__(model, defaults, seed=seed)
+        super().__init__(model, defaults, seed=seed, layers=layers, exclude=exclude)
 
     # --------------------------------------------------------------- statistics
     def _factor_rows(

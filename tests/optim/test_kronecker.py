@@ -1,0 +1,182 @@
+"""Which layers KFAC and K-BFGS model: coverage(), layers= / exclude=, the fallback warning, the
+construction errors, and attention's functionally used projections (optim.kronecker)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import secondorder as so
+from secondorder.capture import hooks as C
+from secondorder.optim.kronecker import FALLBACK, UnmodeledParametersWarning
+from tests.helpers import classification_data, image_data, tiny_conv_bn, tiny_mlp
+
+KRONECKER = ["kfac", "kfac-ef", "kbfgs", "kbfgsl", "kbfgs20", "kbfgsl20"]
+
+
+def build(key, model, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnmodeledParametersWarning)
+        return so.make_optimizer(key, model, **kw)
+
+
+def ln_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+class TinyLM(nn.Module):
+    """Embedding + one causal nn.TransformerEncoderLayer + head: (m, T) tokens -> (m T, V) logits."""
+
+    def __init__(self, vocab: int = 11, d: int = 8, length: int = 6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, d)
+        self.enc = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x), src_mask=self.mask, is_causal=True)).flatten(0, 1)
+
+
+def lm_data(n: int = 16, vocab: int = 11, length: int = 6):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, vocab, (n, length), generator=g)
+    return x, torch.roll(x, -1, 1).flatten()
+
+
+@pytest.mark.parametrize("key", KRONECKER)
+def test_coverage_names_the_block_or_the_fallback_of_every_tensor(key):
+    model = tiny_conv_bn()
+    opt = build(key, model)
+    cov = opt.coverage()
+    assert list(cov) == [n for n, p in model.named_parameters()]
+    assert cov["0.weight"] == cov["0.bias"] == "Conv2dBlock('0')"
+    assert cov["3.weight"] == "Conv2dBlock('3')"
+    assert cov["7.weight"] == cov["7.bias"] == "LinearBlock('7')"
+    assert {cov[n] for n in ("1.weight", "1.bias", "4.weight", "4.bias")} == {FALLBACK}
+    assert sorted(opt.other_params) == ["1.bias", "1.weight", "4.bias", "4.weight"]
+
+
+@pytest.mark.parametrize("key", ["kfac", "kbfgs"])
+def test_the_fallback_warns_with_the_share_and_the_names(key):
+    with pytest.warns(
+        UnmodeledParametersWarning, match=r"2 of 6 trainable tensors \(15\.7% .*1\.weight, 1\.bias"
+    ) as rec:
+        so.make_optimizer(key, ln_mlp())
+    assert rec[0].filename == __file__  # points at the caller, not into the library
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        so.make_optimizer(key, tiny_mlp())  # everything modeled: silent
+
+
+@pytest.mark.parametrize("key", ["kfac", "kbfgsl20"])
+def test_layers_and_exclude_by_name_pattern_and_type(key):
+    model = tiny_conv_bn()
+    assert build(key, model, exclude="7").modeled_modules == ["0", "3"]
+    assert build(key, model, exclude=[nn.Conv2d]).modeled_modules == ["7"]
+    assert build(key, model, layers=["[03]"]).modeled_modules == ["0", "3"]
+    assert build(key, model, layers=nn.Linear).modeled_modules == ["7"]
+    assert build(key, model, layers=["*"], exclude=["0"]).modeled_modules == ["3", "7"]
+    cov = build(key, model, exclude="7").coverage()
+    assert cov["7.weight"] == cov["7.bias"] == FALLBACK
+
+
+@pytest.mark.parametrize("key", ["kfac", "kbfgs"])
+def test_bad_layer_choices_raise_value_errors_naming_the_argument(key):
+    model = tiny_conv_bn()
+    with pytest.raises(ValueError, match=r"exclude: expected module names.*got 3"):
+        so.make_optimizer(key, model, exclude=[3])
+    with pytest.raises(
+        ValueError, match=r"layers: 'nope' matches no layer .*\(layers with a block: 0, 3, 7\)"
+    ):
+        so.make_optimizer(key, model, layers=["nope"])
+    with pytest.raises(ValueError, match="exclude: <class 'torch.nn.modules.rnn.LSTM'> matches no layer"):
+        so.make_optimizer(key, model, exclude=nn.LSTM)
+    with pytest.raises(
+        ValueError, match=r"model: .* has no layer to model \(every modelable layer is excluded\)"
+    ):
+        so.make_optimizer(key, model, exclude="*")
+
+
+@pytest.mark.parametrize("key", KRONECKER)
+def test_a_model_with_nothing_to_model_is_refused_at_construction(key):
+    class RNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(3, 4)
+
+        def forward(self, x):
+            return self.rnn(x)[0][-1]
+
+    with pytest.raises(
+        ValueError,
+        match=r"model: .* has no layer to model; modules without a block: 'rnn': no layer block for LSTM",
+    ):
+        so.make_optimizer(key, RNN())
+
+
+def test_unmodeled_modules_give_reasons():
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, groups=2),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),
+        nn.BatchNorm2d(4),
+        nn.Linear(3, 3),
+        nn.MultiheadAttention(4, 2),
+        nn.Linear(3, 3),
+    )
+    model[5].weight.requires_grad_(False)
+    why = C.unmodeled_modules(model)
+    assert why == {
+        "0": "Conv2d with groups=2 is not supported by Conv2dBlock",
+        "1": "Conv2d with padding (1, 1) with padding_mode='circular' is not supported by Conv2dBlock",
+        "2": "no layer block for BatchNorm2d",
+        "4": "no layer block for MultiheadAttention",
+        "4.out_proj": "NonDynamicallyQuantizableLinear used through a functional call by its parent "
+        "MultiheadAttention '4'",
+        "5": "Linear with a frozen weight",
+    }
+    assert list(C.layer_blocks(model)) == ["3"]
+
+
+def test_an_excluded_layer_follows_the_momentum_gradient():
+    """kfac with layer '3' excluded: its update is -lr * grad at the first step, and it has no factors."""
+    model = tiny_mlp(widths=(6, 5, 3))
+    x, y = classification_data()
+    opt = build("kfac-ef", model, exclude="2", lr=0.1)
+    before = model[2].weight.detach().clone()
+    model.zero_grad()
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    grad = model[2].weight.grad.clone()
+    opt.step(so.Closure(model, x, y, nn.CrossEntropyLoss()))
+    torch.testing.assert_close(model[2].weight.detach(), before - 0.1 * grad, rtol=1e-13, atol=1e-14)
+    assert "2" not in opt.module_state and "0" in opt.module_state
+
+
+@pytest.mark.parametrize("key", KRONECKER)
+def test_attention_projections_fall_back_and_a_transformer_trains(key):
+    """nn.MultiheadAttention uses out_proj.weight through F.multi_head_attention_forward: the
+    optimizer must not wait for a call that never comes (it raised HookNeverFiredError)."""
+    model = TinyLM().double()
+    x, y = lm_data()
+    opt = build(key, model, **({"lr": 0.01} if "kbfgs" in key else {}))
+    assert opt.modeled_modules == ["enc.linear1", "enc.linear2", "head"]
+    assert opt.coverage()["enc.self_attn.out_proj.weight"] == FALLBACK
+    losses = [float(opt.step(so.Closure(model, x, y, nn.CrossEntropyLoss()))) for _ in range(15)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+
+
+def test_image_model_is_unchanged_by_an_empty_exclude():
+    x, y = image_data()
+    runs = []
+    for kw in ({}, {"exclude": []}):
+        model = tiny_conv_bn()
+        torch.manual_seed(3)
+        opt = build("kfac", model, **kw)
+        runs.append([float(opt.step(so.Closure(model, x, y, nn.CrossEntropyLoss()))) for _ in range(3)])
+    assert runs[0] == runs[1]
