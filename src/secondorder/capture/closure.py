@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .hooks import unwrap
 from .likelihood import Likelihood, infer_likelihood
@@ -197,6 +198,16 @@ def preserved_norm_buffers(model: nn.Module, *, only_on_error: bool = False) -> 
                     for dst, src in zip(_norm_buffers(m), bufs, strict=True):
                         if dst is not None and src is not None:
                             dst.copy_(src)
+
+
+@contextlib.contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Forward passes whose graph is differentiated twice (Gauss-Newton products by double
+    backward): ``scaled_dot_product_attention`` runs its math kernel, the one with a double
+    backward (the fused CPU/CUDA kernels have none). The function computed is the same.
+    """
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def _norm_buffers(m: nn.Module) -> list[Tensor | None]:

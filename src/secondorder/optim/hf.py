@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from .. import distributed as D
 from ..capture import Closure, preserved_norm_buffers
+from ..capture.closure import twice_differentiable
 from ..linalg.cg import conjugate_gradient
 from . import hparams as H
 from .levenberg import CurvatureSample, LMOptimizer, ModelReduction, lm_hparams, subset
@@ -124,7 +125,8 @@ class HessianFree(LMOptimizer):
             x0 = group["cg_decay"] * torch.cat([self.state[p]["cg_solution"].reshape(-1) for p in params])
 
         with self._curvature_timer(), preserved_norm_buffers(self.module), torch.enable_grad():
-            z = closure.functional()({}, subset(closure.inputs, idx))
+            with twice_differentiable():  # attention: a kernel with a double backward
+                z = closure.functional()({}, subset(closure.inputs, idx))
             self.stats.forward_passes += 1
             hess = scale * closure.likelihood.hessian(z)  # s H_i, (N2, m_L, m_L)
             self._check_tensors("curvature", [hess])

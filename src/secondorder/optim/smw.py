@@ -86,8 +86,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as D
-from ..capture import Capture, Closure, preserved_norm_buffers
+from ..capture import Capture, Closure, layer_blocks, preserved_norm_buffers
 from ..capture import hooks as C
+from ..capture.blocks import LinearBlock
 from ..capture.likelihood import Family, Likelihood
 from ..linalg import LinAlgError
 from ..linalg.smw import kron_gram, kron_jvp, kron_vjp, smw_weights, smw_weights_singular
@@ -186,10 +187,12 @@ class _SMW(LMOptimizer):
                 seen.update(ids)
                 self.blocks[mname] = (mod, [trainable[i] for i in ids])
         # rank-one rows need every parameter of the layer trainable and used by this layer only
+        # Linear layers with a block (attention's functionally used projections have none)
+        linear = {n for n, b in layer_blocks(self.module).items() if isinstance(b, LinearBlock)}
         self.kron_layers: dict[str, nn.Linear] = {
-            mname: mod
+            mname: mod  # type: ignore[misc]
             for mname, (mod, _) in self.blocks.items()
-            if isinstance(mod, nn.Linear)
+            if mname in linear
             and all(id(p) in trainable and owners[id(p)] == 1 for p in mod.parameters(recurse=False))
         }
         self.capture = Capture(self.kron_layers)
