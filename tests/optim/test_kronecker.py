@@ -164,7 +164,7 @@ def test_attention_projections_fall_back_and_a_transformer_trains(key):
     model = TinyLM().double()
     x, y = lm_data()
     opt = build(key, model, **({"lr": 0.01} if "kbfgs" in key else {}))
-    assert opt.modeled_modules == ["enc.linear1", "enc.linear2", "head"]
+    assert opt.modeled_modules == ["emb", "enc.linear1", "enc.linear2", "head"]
     assert opt.coverage()["enc.self_attn.out_proj.weight"] == FALLBACK
     losses = [float(opt.step(so.Closure(model, x, y, nn.CrossEntropyLoss()))) for _ in range(15)]
     assert all(torch.isfinite(torch.tensor(losses)))

@@ -34,7 +34,9 @@ from ..linalg import bfgs as B
 from ..linalg.kron import gram, gram_
 
 __all__ = [
+    "Conv1dBlock",
     "Conv2dBlock",
+    "EmbeddingBlock",
     "LayerBlock",
     "LinearBlock",
     "block_for",
@@ -284,9 +286,132 @@ class Conv2dBlock(LayerBlock):
         return out.div_(m)
 
 
+class Conv1dBlock(Conv2dBlock):
+    """``nn.Conv1d`` with ``groups == 1`` and zero padding: the Conv2d block on ``(m, C, 1, L)``.
+
+    A kernel ``k`` is the 2-d kernel ``(1, k)``; the patch order (channel, kernel position) is
+    that of ``weight.view(d_o, -1)``.
+    """
+
+    module: nn.Conv1d  # type: ignore[assignment]
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        assert isinstance(module, nn.Conv1d)
+        if module.groups != 1:
+            return f"groups={module.groups}"
+        if module.padding_mode != "zeros" or (
+            module.padding == "same" and (module.dilation[0] * (module.kernel_size[0] - 1)) % 2
+        ):
+            return f"padding {module.padding!r} with padding_mode={module.padding_mode!r}"
+        return None
+
+    def _geometry(self) -> dict[str, Any]:
+        m = self.module
+        if isinstance(m.padding, str):
+            pad = 0 if m.padding == "valid" else m.dilation[0] * (m.kernel_size[0] - 1) // 2
+        else:
+            pad = int(m.padding[0])
+        return dict(stride=(1, m.stride[0]), padding=(0, pad), dilation=(1, m.dilation[0]))
+
+    def _kernel(self) -> tuple[int, int]:
+        return (1, self.module.kernel_size[0])
+
+    def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
+        p = F.unfold(a.unsqueeze(2), self._kernel(), **self._geometry())  # (m, D, T)
+        rows = p.transpose(1, 2).reshape(-1, p.shape[1])
+        if self.has_bias if bias is None else bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows
+
+    def output_rows(self, h: Tensor) -> Tensor:
+        return h.transpose(1, 2).reshape(-1, h.shape[1])
+
+    def spatial_mean(self, h: Tensor) -> Tensor:
+        return h.sum((0, 2)).div_(h.numel() // h.shape[1])
+
+    def spatial_abs_mean(self, h: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(h, 1, dim=(0, 2)).div_(h.numel() // h.shape[1])
+
+    def input_mean(self, a: Tensor, out_hw: tuple[int, ...]) -> Tensor:
+        return LayerBlock.input_mean(self, a, out_hw)
+
+    def input_action(self, a: Tensor, v: Tensor) -> Tensor:
+        return LayerBlock.input_action(self, a, v)
+
+    def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+        return LayerBlock.input_gram(self, a, chunk_elements)
+
+
+class EmbeddingBlock(LayerBlock):
+    """``nn.Embedding``: ``h_t = W^T e_{x_t}`` with ``W`` the ``(V, d)`` table, so in the
+    ``h = W abar`` view the matrix is ``weight^T`` and ``abar_t`` the one-hot row of token ``x_t``.
+
+    The input factor is diagonal (token frequencies); it is formed densely, ``(V, V)``, so this
+    block suits vocabularies of a few thousand. Tokens equal to ``padding_idx`` get a zero row
+    (their output does not depend on the table). ``sparse=True`` is not supported.
+    """
+
+    module: nn.Embedding
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        assert isinstance(module, nn.Embedding)
+        return "sparse=True" if module.sparse else None
+
+    @property
+    def bias(self) -> Tensor | None:
+        return None
+
+    @property
+    def input_dim(self) -> int:
+        return self.module.num_embeddings
+
+    @property
+    def output_dim(self) -> int:
+        return self.module.embedding_dim
+
+    def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
+        tokens = a.reshape(-1)
+        rows = F.one_hot(tokens, self.module.num_embeddings).to(self.weight.dtype)
+        if self.module.padding_idx is not None:
+            rows[tokens == self.module.padding_idx] = 0
+        return rows
+
+    def output_rows(self, h: Tensor) -> Tensor:
+        return h.reshape(-1, h.shape[-1])
+
+    def _counts(self, a: Tensor) -> Tensor:
+        """How often each token occurs in ``a`` (padding tokens not counted), as the weight's dtype."""
+        tokens = a.reshape(-1)
+        if self.module.padding_idx is not None:
+            tokens = tokens[tokens != self.module.padding_idx]
+        return torch.bincount(tokens, minlength=self.module.num_embeddings).to(self.weight.dtype)
+
+    def input_mean(self, a: Tensor, out_hw: tuple[int, ...]) -> Tensor:
+        return self._counts(a).div_(a.numel())
+
+    def input_action(self, a: Tensor, v: Tensor) -> Tensor:
+        return self._counts(a).mul_(v).div_(a.shape[0])  # A is diagonal
+
+    def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+        return torch.diag(self._counts(a).div_(a.shape[0]))
+
+    def grad_matrix(self, weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
+        return weight_grad.t()
+
+    def split_matrix(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
+        return mat.t(), None
+
+
 # ---------------------------------------------------------------------- the registry
 _REGISTRY: dict[type[nn.Module], type[LayerBlock]] = {}
-_BUILT_IN: dict[type[nn.Module], type[LayerBlock]] = {nn.Linear: LinearBlock, nn.Conv2d: Conv2dBlock}
+_BUILT_IN: dict[type[nn.Module], type[LayerBlock]] = {
+    nn.Linear: LinearBlock,
+    nn.Conv1d: Conv1dBlock,
+    nn.Conv2d: Conv2dBlock,
+    nn.Embedding: EmbeddingBlock,
+}
 _REGISTRY.update(_BUILT_IN)
 
 BlockT = TypeVar("BlockT", bound=type[LayerBlock])
