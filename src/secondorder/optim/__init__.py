@@ -5,7 +5,7 @@ from .baselines import SGD, Adam, AdamVariant, RMSprop
 from .block_fisher import BlockFisher
 from .hf import HessianFree
 from .kbfgs import KBFGS, KBFGS20, KBFGSL, KBFGSL20, VARIANTS, AInverse, AStatistic, PairDamping, SkipRule
-from .kfac import KFAC, KFACEF, PiSplit
+from .kfac import KFAC, KFACEF, PiSplit, WeightSharing
 from .levenberg import CurvatureSample, LMRule, ModelReduction
 from .registry import METHODS, implemented, make_optimizer, optimizer_class
 from .shampoo import Shampoo
@@ -44,6 +44,7 @@ __all__ = [
     "NonFiniteError",
     "OptimizerStats",
     "PiSplit",
+    "WeightSharing",
     "RMSprop",
     "SecondOrderOptimizer",
     "implemented",

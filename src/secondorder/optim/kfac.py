@@ -53,6 +53,15 @@ from .kronecker import KroneckerFactoredOptimizer, LayerSpec
 logger = logging.getLogger(__name__)
 
 
+class WeightSharing(str, enum.Enum):
+    """How the locations of a layer (sequence positions, conv positions) enter the factors
+    (Eschenhagen et al., NeurIPS 2023, "Kronecker-Factored Approximate Curvature for Modern
+    Neural Network Architectures")."""
+
+    EXPAND = "expand"  # every location is an example of the layer (Algorithm 12 for conv)
+    REDUCE = "reduce"  # per example: the mean input over locations, the summed output gradient
+
+
 class PiSplit(str, enum.Enum):
     """How the damping ``lam`` is split between the two factors."""
 
@@ -75,6 +84,11 @@ class KFAC(KroneckerFactoredOptimizer):
         pi: ``"trace"`` (thesis) or ``"none"`` (pi = 1, published code).
         momentum_style: ``"accumulate"`` (ch. 3-4) or ``"average"`` (ch. 2).
         seed: seed of the optimizer's generator for sampled targets (default ``torch.initial_seed()``).
+        weight_sharing: ``"expand"`` (default; Algorithm 12: every location of a layer -- a
+            sequence position, a conv position -- is one more row of both factors) or ``"reduce"``
+            (per example, the mean input over locations and the summed output gradient:
+            ``Omega = E_n[abar_n abar_n^T]``, ``Gamma = E_n[g_n g_n^T]``), as in Eschenhagen et al.
+            (2023); reduce suits models that pool over the locations before the loss.
         layers, exclude: which layers get Kronecker factors (module names, ``fnmatch`` patterns or
             types; default every layer a block models); see
             :class:`~secondorder.optim.kronecker.KroneckerFactoredOptimizer`.
@@ -97,6 +111,7 @@ class KFAC(KroneckerFactoredOptimizer):
         pi: str = PiSplit.TRACE.value,
         momentum_style: str = MomentumStyle.ACCUMULATE.value,
         seed: int | None = None,
+        weight_sharing: str = WeightSharing.EXPAND.value,
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
     ):
@@ -111,6 +126,7 @@ class KFAC(KroneckerFactoredOptimizer):
                 inverse_freq=inverse_freq,
             ),
             pi=H.choice("pi", pi, PiSplit),
+            weight_sharing=H.choice("weight_sharing", weight_sharing, WeightSharing),
             momentum_style=H.choice("momentum_style", momentum_style, MomentumStyle),
         )
         super().__init__(model, defaults, seed=seed, layers=layers, exclude=exclude)
@@ -128,6 +144,7 @@ class KFAC(KroneckerFactoredOptimizer):
         """
         m = closure.batch_size
         factor = closure.batch_factor  # g_n = factor * dL/dh_n
+        reduce = self.param_groups[0]["weight_sharing"] == WeightSharing.REDUCE.value
         out: dict[str, tuple[Tensor, float, Tensor, float]] = {}
         for name, block in self.blocks.items():
             rec, dh = recs[name], grads[name]
@@ -136,6 +153,10 @@ class KFAC(KroneckerFactoredOptimizer):
             a = block.input_rows(rec.inputs)  # (m|T|, D)
             g = block.output_rows(dh)  # (m|T|, d_o), unscaled dL/dh
             t = block.num_locations(dh)
+            if reduce and t > 1:  # rows are example-major: (m, |T|, .) -> one row per example
+                a = a.view(m, t, -1).mean(1)  # abar_n (the homogeneous 1 stays 1)
+                g = g.view(m, t, -1).sum(1)  # g_n = sum_t g_{n,t}
+                t = 1
             out[name] = (a, 1.0 / m, g, factor * factor / (m * t))
         self._check_tensors("curvature statistics", [x for rows in out.values() for x in (rows[0], rows[2])])
         return out
