@@ -108,6 +108,14 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         for p in self.param_groups[0]["params"]:
             yield self.param_names[p], p
 
+    def coverage(self) -> dict[str, str]:
+        """Per trainable tensor (by name), what preconditions it.
+
+        Here every tensor gets the method's own rule (its key); the Kronecker-factored methods
+        name each tensor's layer block or their fallback.
+        """
+        return {n: self.method for n, _ in self.named_params()}
+
     # ------------------------------------------------------------------ the step
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
         """One optimization step on the closure's minibatch; returns the minibatch loss (detached)."""
