@@ -135,12 +135,9 @@ def test_unmodeled_modules_give_reasons():
         "0": "Conv2d with groups=2 is not supported by Conv2dBlock",
         "1": "Conv2d with padding (1, 1) with padding_mode='circular' is not supported by Conv2dBlock",
         "2": "no layer block for BatchNorm2d",
-        "4": "no layer block for MultiheadAttention",
-        "4.out_proj": "NonDynamicallyQuantizableLinear used through a functional call by its parent "
-        "MultiheadAttention '4'",
         "5": "Linear with a frozen weight",
     }
-    assert list(C.layer_blocks(model)) == ["3"]
+    assert list(C.layer_blocks(model)) == ["3", "4", "4.out_proj"]
 
 
 def test_an_excluded_layer_follows_the_momentum_gradient():
@@ -158,14 +155,26 @@ def test_an_excluded_layer_follows_the_momentum_gradient():
 
 
 @pytest.mark.parametrize("key", KRONECKER)
-def test_attention_projections_fall_back_and_a_transformer_trains(key):
-    """nn.MultiheadAttention uses out_proj.weight through F.multi_head_attention_forward: the
-    optimizer must not wait for a call that never comes (it raised HookNeverFiredError)."""
+def test_a_transformer_is_modeled_but_for_its_norms(key):
+    """nn.MultiheadAttention's projections are captured where they enter F.linear (they raised
+    HookNeverFiredError); the embedding and the feed-forward layers have blocks too."""
     model = TinyLM().double()
     x, y = lm_data()
     opt = build(key, model, **({"lr": 0.01} if "kbfgs" in key else {}))
-    assert opt.modeled_modules == ["emb", "enc.linear1", "enc.linear2", "head"]
-    assert opt.coverage()["enc.self_attn.out_proj.weight"] == FALLBACK
+    assert opt.modeled_modules == [
+        "emb",
+        "enc.self_attn",
+        "enc.self_attn.out_proj",
+        "enc.linear1",
+        "enc.linear2",
+        "head",
+    ]
+    assert sorted(n for n, what in opt.coverage().items() if what == FALLBACK) == [
+        "enc.norm1.bias",
+        "enc.norm1.weight",
+        "enc.norm2.bias",
+        "enc.norm2.weight",
+    ]
     losses = [float(opt.step(so.Closure(model, x, y, nn.CrossEntropyLoss()))) for _ in range(15)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]

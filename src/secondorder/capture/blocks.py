@@ -39,6 +39,7 @@ __all__ = [
     "EmbeddingBlock",
     "LayerBlock",
     "LinearBlock",
+    "MultiheadAttentionBlock",
     "block_for",
     "block_type_for",
     "conv_kwargs",
@@ -89,6 +90,13 @@ class LayerBlock:
     an optional ``bias`` of shape ``(d_o,)``. Register it with :func:`register_layer`.
     """
 
+    #: captured where :attr:`weight` enters ``F.linear`` instead of by a forward hook on the
+    #: module (for weights a parent module uses through a functional call)
+    functional: bool = False
+    #: whether the rows of :meth:`input_rows` / :meth:`output_rows` run example by example (all
+    #: locations of example 0 first); statistics that group rows by example need it
+    example_major: bool = True
+
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
@@ -137,9 +145,11 @@ class LayerBlock:
         """The rows of ``h`` (or ``dL/dh``), ``(m |T|, d_o)``, in the order of :meth:`input_rows`."""
         raise NotImplementedError(f"{type(self).__name__} must define output_rows")
 
-    def num_locations(self, h: Tensor) -> int:
-        """``|T|``: output locations per example."""
-        return h.numel() // (h.shape[0] * self.output_dim)
+    def num_locations(self, h: Tensor, batch_size: int | None = None) -> int:
+        """``|T|``: output locations per example -- the rows of ``h`` over the batch size
+        (default ``h.shape[0]``; a block whose captured tensors do not lead with the batch, such as
+        attention's flattened projections, needs the closure's)."""
+        return h.numel() // ((h.shape[0] if batch_size is None else batch_size) * self.output_dim)
 
     def output_spatial_shape(self, h: Tensor) -> tuple[int, ...]:
         """The shape of the locations of ``h`` as :meth:`input_mean` wants it (``()`` by default)."""
@@ -190,17 +200,23 @@ class LayerBlock:
             mean = torch.cat([mean, mean.new_ones(1)])
         return mean
 
-    def input_action(self, a: Tensor, v: Tensor) -> Tensor:
-        """(3.15): ``A v = (1/m) sum_{n,t} abar_{n,t} (abar_{n,t}^T v)`` without forming ``A``."""
-        return B.gram_action(self.input_rows(a, bias=False), v, 1.0 / a.shape[0], self.has_bias)
+    def examples(self, a: Tensor, batch_size: int | None = None) -> int:
+        """``m``: the examples in a captured input -- ``batch_size`` when the caller knows it,
+        else the input's batch dimension (the first, by default)."""
+        return a.shape[0] if batch_size is None else batch_size
 
-    def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+    def input_action(self, a: Tensor, v: Tensor, batch_size: int | None = None) -> Tensor:
+        """(3.15): ``A v = (1/m) sum_{n,t} abar_{n,t} (abar_{n,t}^T v)`` without forming ``A``."""
+        m = self.examples(a, batch_size)
+        return B.gram_action(self.input_rows(a, bias=False), v, 1.0 / m, self.has_bias)
+
+    def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24, batch_size: int | None = None) -> Tensor:
         """``A = (1/m) sum_{n,t} abar_{n,t} abar_{n,t}^T``, dense ``(D, D)``.
 
         ``chunk_elements`` bounds the row entries a block forms at once where it builds rows
         bigger than its input (im2col); the default form builds them all.
         """
-        return gram(self.input_rows(a), 1.0 / a.shape[0])
+        return gram(self.input_rows(a), 1.0 / self.examples(a, batch_size))
 
 
 class LinearBlock(LayerBlock):
@@ -262,9 +278,9 @@ class Conv2dBlock(LayerBlock):
             mean = torch.cat([mean, mean.new_ones(1)])
         return mean
 
-    def input_action(self, a: Tensor, v: Tensor) -> Tensor:
+    def input_action(self, a: Tensor, v: Tensor, batch_size: int | None = None) -> Tensor:
         # abar_t^T v is a one-filter convolution; the sum over (n, t) is that filter's weight gradient
-        m = a.shape[0]
+        m = self.examples(a, batch_size)
         kw = conv_kwargs(self.module)
         shape = (1, *self.module.weight.shape[1:])
         d0 = self.module.weight[0].numel()
@@ -274,16 +290,15 @@ class Conv2dBlock(LayerBlock):
             out = torch.cat([out, u.sum().reshape(1)])
         return out.div_(m)
 
-    def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+    def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24, batch_size: int | None = None) -> Tensor:
         # im2col of chunk_elements patch entries at a time, so memory stays bounded
-        m = a.shape[0]
         dim = self.input_dim
         out = a.new_zeros(dim, dim)
         per_example = patches(self.module, a[:1]).numel()
         step = max(1, chunk_elements // max(1, per_example))
-        for i in range(0, m, step):
+        for i in range(0, a.shape[0], step):
             gram_(out, self.input_rows(a[i : i + step]), 1.0)
-        return out.div_(m)
+        return out.div_(self.examples(a, batch_size))
 
 
 class Conv1dBlock(Conv2dBlock):
@@ -336,11 +351,11 @@ class Conv1dBlock(Conv2dBlock):
     def input_mean(self, a: Tensor, out_hw: tuple[int, ...]) -> Tensor:
         return LayerBlock.input_mean(self, a, out_hw)
 
-    def input_action(self, a: Tensor, v: Tensor) -> Tensor:
-        return LayerBlock.input_action(self, a, v)
+    def input_action(self, a: Tensor, v: Tensor, batch_size: int | None = None) -> Tensor:
+        return LayerBlock.input_action(self, a, v, batch_size)
 
-    def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
-        return LayerBlock.input_gram(self, a, chunk_elements)
+    def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24, batch_size: int | None = None) -> Tensor:
+        return LayerBlock.input_gram(self, a, chunk_elements, batch_size)
 
 
 class EmbeddingBlock(LayerBlock):
@@ -391,17 +406,66 @@ class EmbeddingBlock(LayerBlock):
     def input_mean(self, a: Tensor, out_hw: tuple[int, ...]) -> Tensor:
         return self._counts(a).div_(a.numel())
 
-    def input_action(self, a: Tensor, v: Tensor) -> Tensor:
-        return self._counts(a).mul_(v).div_(a.shape[0])  # A is diagonal
+    def input_action(self, a: Tensor, v: Tensor, batch_size: int | None = None) -> Tensor:
+        return self._counts(a).mul_(v).div_(self.examples(a, batch_size))  # A is diagonal
 
-    def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
-        return torch.diag(self._counts(a).div_(a.shape[0]))
+    def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24, batch_size: int | None = None) -> Tensor:
+        return torch.diag(self._counts(a).div_(self.examples(a, batch_size)))
 
     def grad_matrix(self, weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
         return weight_grad.t()
 
     def split_matrix(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
         return mat.t(), None
+
+
+class MultiheadAttentionBlock(LayerBlock):
+    """``nn.MultiheadAttention``'s packed input projection in self-attention: ``[q; k; v] = W x + b``
+    with ``W = in_proj_weight`` ``(3E, E)`` and ``b = in_proj_bias``, one Kronecker block over the
+    positions of ``x``.
+
+    The module never calls a submodule: ``F.multi_head_attention_forward`` applies ``W`` with one
+    ``F.linear`` on the (sequence-first) input when query, key and value are the same tensor, so
+    the block is captured there (:attr:`functional`); its ``out_proj`` is a Linear block captured
+    the same way. Cross-attention (query differs from key and value) projects with slices of
+    ``W`` and is not modeled; nor are separate q/k/v weights (``kdim``/``vdim``) or
+    ``add_bias_kv``.
+    """
+
+    module: nn.MultiheadAttention
+    functional = True
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        assert isinstance(module, nn.MultiheadAttention)
+        if not module._qkv_same_embed_dim:
+            return "kdim/vdim != embed_dim (separate q, k, v weights)"
+        if module.bias_k is not None:
+            return "add_bias_kv=True"
+        return None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.in_proj_weight  # type: ignore[return-value]
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.module.in_proj_bias
+
+    def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
+        rows = a.transpose(0, 1).reshape(-1, a.shape[-1])  # (L, N, E) -> example-major rows
+        if self.has_bias if bias is None else bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows
+
+    def output_rows(self, h: Tensor) -> Tensor:
+        return h.transpose(0, 1).reshape(-1, h.shape[-1])
+
+    def examples(self, a: Tensor, batch_size: int | None = None) -> int:
+        return a.shape[1] if batch_size is None else batch_size  # (L, N, E)
+
+    def num_locations(self, h: Tensor, batch_size: int | None = None) -> int:
+        return h.numel() // ((h.shape[1] if batch_size is None else batch_size) * self.output_dim)
 
 
 # ---------------------------------------------------------------------- the registry
@@ -411,6 +475,7 @@ _BUILT_IN: dict[type[nn.Module], type[LayerBlock]] = {
     nn.Conv1d: Conv1dBlock,
     nn.Conv2d: Conv2dBlock,
     nn.Embedding: EmbeddingBlock,
+    nn.MultiheadAttention: MultiheadAttentionBlock,
 }
 _REGISTRY.update(_BUILT_IN)
 

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .blocks import LayerBlock, block_for, block_type_for
 from .blocks import conv_padding as conv_padding  # re-exported
@@ -72,32 +73,56 @@ def is_supported(module: nn.Module) -> bool:
 
 #: modules that use their children's weights through functional calls instead of calling them
 #: (``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward``):
-#: a forward hook on such a child never fires, so no block is given to it
+#: where the parent has a block, the children's blocks are captured at those calls
+#: (``LayerBlock.functional``); otherwise the children have none
 FUNCTIONAL_PARENTS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 
 
-def _functional_children(model: nn.Module) -> dict[str, str]:
-    """Names of the modules inside a :data:`FUNCTIONAL_PARENTS` module -> that parent's name."""
-    out: dict[str, str] = {}
+def _cross_attention(model: nn.Module) -> set[str]:
+    """Attention modules known to be called as cross-attention (``nn.TransformerDecoderLayer``'s
+    ``multihead_attn``): their packed projection never runs in one call."""
+    return {
+        f"{name}.multihead_attn" if name else "multihead_attn"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.TransformerDecoderLayer)
+    }
+
+
+def _parent_blocks(model: nn.Module) -> tuple[dict[str, str], dict[str, LayerBlock | None]]:
+    """Names of the modules inside a :data:`FUNCTIONAL_PARENTS` module -> that parent's name, and
+    each such parent's block (``None`` where it has none)."""
+    children: dict[str, str] = {}
+    parents: dict[str, LayerBlock | None] = {}
+    cross = _cross_attention(model)
     for name, module in model.named_modules():
-        if isinstance(module, FUNCTIONAL_PARENTS) and name not in out:
+        if isinstance(module, FUNCTIONAL_PARENTS) and name not in children:
+            parents[name] = block_for(module) if name not in cross else None
             for child, _ in module.named_modules(prefix=name):
                 if child != name:
-                    out.setdefault(child, name)
-    return out
+                    children.setdefault(child, name)
+    return children, parents
 
 
 def layer_blocks(model: nn.Module) -> dict[str, LayerBlock]:
     """The layer block of every module of ``model`` (unwrapped) that one models, by module name.
 
     Modules whose weight is frozen (``requires_grad=False``) are left out, and so are the
-    children of :data:`FUNCTIONAL_PARENTS` (see :func:`unmodeled_modules`).
+    children of a :data:`FUNCTIONAL_PARENTS` module that has no block (see
+    :func:`unmodeled_modules`); the children of one that has are captured functionally.
     """
     model = unwrap(model)
-    functional = _functional_children(model)
+    children, parents = _parent_blocks(model)
     found: dict[str, LayerBlock] = {}
     for name, module in model.named_modules():
-        b = block_for(module) if name not in functional else None
+        if name in parents:
+            b = parents[name]
+        elif name in children:
+            b = block_for(module) if parents[children[name]] is not None else None
+            if b is not None:
+                b.functional = True
+                b.example_major = False  # (L N, E) rows, position-major
+        else:
+            b = block_for(module)
         if b is not None and b.weight.requires_grad:
             found[name] = b
     return found
@@ -106,24 +131,28 @@ def layer_blocks(model: nn.Module) -> dict[str, LayerBlock]:
 def unmodeled_modules(model: nn.Module) -> dict[str, str]:
     """Why each module that owns trainable parameters has no block: module name -> reason."""
     model = unwrap(model)
-    functional = _functional_children(model)
+    children, parents = _parent_blocks(model)
+    cross = _cross_attention(model)
+    found = layer_blocks(model)
     out: dict[str, str] = {}
     for name, module in model.named_modules():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        if name in found or not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         kind = type(module).__name__
         cls = block_type_for(module)
-        if name in functional:
-            parent = functional[name]
+        if name in cross:
+            out[name] = f"{kind} used as cross-attention (query differs from key and value)"
+        elif name in children and parents[children[name]] is None:
+            parent = children[name]
             out[name] = (
                 f"{kind} used through a functional call by its parent "
-                f"{type(model.get_submodule(parent)).__name__} '{parent}'"
+                f"{type(model.get_submodule(parent)).__name__} '{parent}', which has no block"
             )
         elif cls is None:
             out[name] = f"no layer block for {kind}"
         elif (why := cls.unsupported(module)) is not None:
             out[name] = f"{kind} with {why} is not supported by {cls.__name__}"
-        elif not module.weight.requires_grad:
+        else:
             out[name] = f"{kind} with a frozen weight"
     return out
 
@@ -187,6 +216,33 @@ class LayerRecord:
     extra: dict = field(default_factory=dict)
 
 
+@contextmanager
+def _functional_linear_capture(hooks: Mapping[int, Callable[[Tensor, Tensor], None]]) -> Iterator[None]:
+    """While active, every ``F.linear`` call whose weight is watched (by ``id``) also runs that
+    weight's hook with the call's input and output: the capture of a layer whose weight a parent
+    module uses through a functional call (``nn.MultiheadAttention``'s projections).
+
+    ``F.multi_head_attention_forward`` looks ``linear`` up in ``torch.nn.functional`` at each
+    call, so the wrapper is installed there for the phase and removed after it. (A
+    ``TorchFunctionMode`` cannot see those calls: the mode is off while it handles the enclosing
+    Python functional, and switching it back on dispatches that functional again.)
+    """
+    original = F.linear
+
+    def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        out = original(input, weight, bias)
+        hook = hooks.get(id(weight))
+        if hook is not None:
+            hook(input, out)
+        return out
+
+    F.linear = linear  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        F.linear = original
+
+
 class HookNeverFiredError(RuntimeError):
     """A registered layer took no part in the forward pass of a capture phase."""
 
@@ -230,7 +286,7 @@ class Capture:
 
             block = self.blocks[rec.name]
 
-            def hook(module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> None:
+            def hook(module: nn.Module | None, args: tuple, kwargs: dict, out: Tensor) -> None:
                 rec.calls += 1
                 if rec.calls > 1:
                     raise RuntimeError(
@@ -238,7 +294,11 @@ class Capture:
                         "sharing is not supported by the Kronecker-factored methods"
                     )
                 if inputs:
-                    a = block.layer_input(args, kwargs) if block is not None else args[0]
+                    a = (
+                        block.layer_input(args, kwargs)
+                        if block is not None and module is not None
+                        else args[0]
+                    )
                     rec.inputs = a.detach()
                 if outputs:
                     rec.outputs = out
@@ -247,10 +307,18 @@ class Capture:
 
             return hook
 
+        functional: dict[int, Callable[[Tensor, Tensor], None]] = {}
         for name, module in self.modules.items():
-            handles.append(module.register_forward_hook(make_hook(records[name]), with_kwargs=True))
+            hook = make_hook(records[name])
+            block = self.blocks[name]
+            if block is not None and block.functional:
+                # captured where its weight enters F.linear (the module itself is never called)
+                functional[id(block.weight)] = lambda a, out, hook=hook: hook(None, (a,), {}, out)
+            else:
+                handles.append(module.register_forward_hook(hook, with_kwargs=True))
         try:
-            yield records
+            with _functional_linear_capture(functional) if functional else nullcontext():
+                yield records
         finally:
             for h in handles:
                 h.remove()

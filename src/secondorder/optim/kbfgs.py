@@ -214,6 +214,7 @@ class _Pass1:
     """What pass 1 gives one layer on a curvature step."""
 
     inputs: Tensor  # the layer input a (detached), for A~ v
+    batch_size: int  # m, the examples behind ``inputs``
     out_hw: tuple[int, ...]  # spatial shape of h (conv) or () (FC)
     locations: int  # |T|
     h_mean: Tensor  # hbar, (d_o,)
@@ -350,8 +351,8 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
                 self.stats.warm_start_forward_passes += 1
                 for name, block in self.blocks.items():
                     rec = recs[name]
-                    a = block.input_gram(rec.inputs)  # type: ignore[arg-type]
-                    locations[name] = block.num_locations(rec.outputs)  # type: ignore[arg-type]
+                    a = block.input_gram(rec.inputs, batch_size=closure.batch_size)  # type: ignore[arg-type]
+                    locations[name] = block.num_locations(rec.outputs, closure.batch_size)  # type: ignore[arg-type]
                     if name in sums:
                         sums[name].add_(a)
                     else:
@@ -385,7 +386,7 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
                 first = self._pass1_statistics(closure, recs)
                 for name in fresh:  # no warm start: A of the first batch
                     p1 = first[name]
-                    a_batch = self.blocks[name].input_gram(p1.inputs)
+                    a_batch = self.blocks[name].input_gram(p1.inputs, batch_size=p1.batch_size)
                     D.all_reduce_mean([a_batch])
                     self._init_layer(name, a_batch, p1.locations)
         del recs
@@ -426,8 +427,9 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
             out_hw = block.output_spatial_shape(h)
             out[name] = _Pass1(
                 inputs=rec.inputs,
+                batch_size=closure.batch_size,
                 out_hw=out_hw,
-                locations=block.num_locations(h),
+                locations=block.num_locations(h, closure.batch_size),
                 h_mean=block.spatial_mean(h),
                 g_mean=block.spatial_mean(rec.output_grads).mul_(factor),
                 a_mean=block.input_mean(rec.inputs, out_hw),
@@ -566,10 +568,10 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
         for name, block in self.blocks.items():
             p1 = first[name]
             if dense:
-                out[name] = (None, block.input_gram(p1.inputs))
+                out[name] = (None, block.input_gram(p1.inputs, batch_size=p1.batch_size))
             else:
                 s_a = torch.mv(self.module_state[name]["h_a"], p1.a_mean)  # s_A = H_A abar
-                out[name] = (s_a, block.input_action(p1.inputs, s_a))  # A~ s_A by (3.15)
+                out[name] = (s_a, block.input_action(p1.inputs, s_a, p1.batch_size))  # A~ s_A by (3.15)
         D.all_reduce_mean([prod for _, prod in out.values()])
         return out
 

@@ -130,6 +130,12 @@ class KFAC(KroneckerFactoredOptimizer):
             momentum_style=H.choice("momentum_style", momentum_style, MomentumStyle),
         )
         super().__init__(model, defaults, seed=seed, layers=layers, exclude=exclude)
+        mixed = [n for n, b in self.blocks.items() if not b.example_major]
+        if defaults["weight_sharing"] == WeightSharing.REDUCE.value and mixed:
+            raise ValueError(
+                "weight_sharing='reduce' groups each layer's rows by example, which these layers' "
+                f"captured rows are not ({', '.join(mixed)}); exclude them or use 'expand'"
+            )
 
     # --------------------------------------------------------------- statistics
     def _factor_rows(
@@ -152,7 +158,7 @@ class KFAC(KroneckerFactoredOptimizer):
                 raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
             a = block.input_rows(rec.inputs)  # (m|T|, D)
             g = block.output_rows(dh)  # (m|T|, d_o), unscaled dL/dh
-            t = block.num_locations(dh)
+            t = block.num_locations(dh, m)
             if reduce and t > 1:  # rows are example-major: (m, |T|, .) -> one row per example
                 a = a.view(m, t, -1).mean(1)  # abar_n (the homogeneous 1 stays 1)
                 g = g.view(m, t, -1).sum(1)  # g_n = sum_t g_{n,t}

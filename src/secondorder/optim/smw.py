@@ -187,8 +187,11 @@ class _SMW(LMOptimizer):
                 seen.update(ids)
                 self.blocks[mname] = (mod, [trainable[i] for i in ids])
         # rank-one rows need every parameter of the layer trainable and used by this layer only
-        # Linear layers with a block (attention's functionally used projections have none)
-        linear = {n for n, b in layer_blocks(self.module).items() if isinstance(b, LinearBlock)}
+        # Linear layers called as modules (attention's out_proj is used through F.linear: it
+        # gets per-example rows like any other tensor)
+        linear = {
+            n for n, b in layer_blocks(self.module).items() if isinstance(b, LinearBlock) and not b.functional
+        }
         self.kron_layers: dict[str, nn.Linear] = {
             mname: mod  # type: ignore[misc]
             for mname, (mod, _) in self.blocks.items()
