@@ -119,8 +119,15 @@ class LayerBlock:
         return self.bias is not None
 
     def parameters(self) -> list[Tensor]:
-        """The tensors this block preconditions: ``weight`` and, if present, ``bias``."""
+        """The parameter tensors this block preconditions (all of them or a part, see
+        :meth:`update_targets`): ``weight`` and, if present, ``bias``. :meth:`grad_matrix` takes
+        tensors of their shapes."""
         return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def update_targets(self) -> tuple[Tensor, Tensor | None]:
+        """Where the two parts of :meth:`split_matrix` are applied: the weight and the bias, or
+        views of the parts of them this block covers."""
+        return self.weight, self.bias
 
     @property
     def input_dim(self) -> int:

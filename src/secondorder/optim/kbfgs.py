@@ -512,18 +512,22 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
         mu, style, wd = g["momentum"], g["momentum_style"], g["weight_decay"]
         momenta: dict[Tensor, Tensor] = {}
         for name, block in self.blocks.items():
-            w, b = block.weight, block.bias
+            w, b = (block.parameters() + [None])[:2]
             if w.grad is None:
                 continue
-            gw = momenta[w] = self._new_momentum(w, self._gradient(w), mu, style)
-            gb = None
+            if w not in momenta:  # once per parameter (blocks may cover parts of one)
+                momenta[w] = self._new_momentum(w, self._gradient(w), mu, style)
+            gw, gb = momenta[w], None
             if b is not None:
-                grad_b = self._gradient(b) if b.grad is not None else torch.zeros_like(b)
-                gb = momenta[b] = self._new_momentum(b, grad_b, mu, style)
+                if b not in momenta:
+                    grad_b = self._gradient(b) if b.grad is not None else torch.zeros_like(b)
+                    momenta[b] = self._new_momentum(b, grad_b, mu, style)
+                gb = momenta[b]
             pw, pb = block.split_matrix(self._precondition(name, block.grad_matrix(gw, gb)))
-            self._apply_update(w, pw, lr, wd)
-            if b is not None and pb is not None:
-                self._apply_update(b, pb, lr, wd)
+            tw, tb = block.update_targets()
+            self._apply_update(tw, pw, lr, wd)
+            if tb is not None and pb is not None:
+                self._apply_update(tb, pb, lr, wd)
         # other parameters: momentum gradient with lr/lam (3.4.3) or lr (chapter 2)
         scale = 1.0 / g["damping"] if self.chapter == 3 else 1.0
         by_name = dict(self.named_params())

@@ -294,18 +294,26 @@ class KFAC(KroneckerFactoredOptimizer):
         Parameters of layers without factors follow the momentum gradient.
         """
         lr, wd, mu, style = g["lr"], g["weight_decay"], g["momentum"], g["momentum_style"]
+        momenta: dict[Tensor, Tensor] = {}  # once per parameter (blocks may cover parts of one)
+
+        def momentum(p: Tensor) -> Tensor:
+            if p not in momenta:
+                momenta[p] = self._momentum(p, p.grad, mu, style)  # type: ignore[arg-type]
+            return momenta[p]
+
         for name, block in self.blocks.items():
-            w, b = block.weight, block.bias
+            w, b = (block.parameters() + [None])[:2]
             if w.grad is None:
                 continue
-            gw = self._momentum(w, w.grad, mu, style)
-            gb = self._momentum(b, b.grad, mu, style) if b is not None and b.grad is not None else None
+            gw = momentum(w)
+            gb = momentum(b) if b is not None and b.grad is not None else None
             st = self.module_state[name]
             direction = kron_apply(st["gamma_inv"], block.grad_matrix(gw, gb), st["omega_inv"])
             pw, pb = block.split_matrix(direction)
-            self._apply_update(w, pw, lr, wd)
-            if b is not None and pb is not None:
-                self._apply_update(b, pb, lr, wd)
+            tw, tb = block.update_targets()
+            self._apply_update(tw, pw, lr, wd)
+            if tb is not None and pb is not None:
+                self._apply_update(tb, pb, lr, wd)
         by_name = dict(self.named_params())
         for pname in self.other_params:
             p = by_name[pname]
