@@ -93,9 +93,11 @@ def test_built_in_blocks_and_subclasses():
     sub = nn.modules.linear.NonDynamicallyQuantizableLinear(2, 3)
     assert isinstance(LB.block_for(sub), LB.LinearBlock)
     assert isinstance(LB.block_for(nn.Conv2d(2, 3, 3)), LB.Conv2dBlock)
-    assert LB.block_for(nn.Conv2d(2, 4, 3, groups=2)) is None
+    assert [b.part for b in LB.block_for(nn.Conv2d(2, 4, 3, groups=2)).split()] == ["[0]", "[1]"]
     assert LB.block_for(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")) is None
-    assert LB.Conv2dBlock.unsupported(nn.Conv2d(2, 4, 3, groups=2)) == "groups=2"
+    assert LB.Conv2dBlock.unsupported(nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular")) == (
+        "padding (1, 1) with padding_mode='circular'"
+    )
     assert LB.block_for(nn.LSTM(2, 3)) is None
     assert LB.block_for(Pointwise(2, 3)) is None
 

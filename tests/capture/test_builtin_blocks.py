@@ -204,3 +204,83 @@ def test_embedding_kfac_factors_and_step_against_per_example_gradients():
     torch.testing.assert_close(st["omega"], omega, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(st["gamma"], gamma, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(net.emb.weight.detach() - before, -lr * step.t(), rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- grouped Conv2d
+class Grouped(nn.Module):
+    """A grouped conv written as one nn.Conv2d per group on its channels, outputs concatenated."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        groups = conv.groups
+        c_in, c_out = conv.in_channels // groups, conv.out_channels // groups
+        self.convs = nn.ModuleList()
+        for g in range(groups):
+            part = nn.Conv2d(
+                c_in,
+                c_out,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=conv.padding,
+                bias=conv.bias is not None,
+                dtype=conv.weight.dtype,
+            )
+            with torch.no_grad():
+                part.weight.copy_(conv.weight[g * c_out : (g + 1) * c_out])
+                if conv.bias is not None:
+                    part.bias.copy_(conv.bias[g * c_out : (g + 1) * c_out])
+            self.convs.append(part)
+        self.c_in = c_in
+
+    def forward(self, x: Tensor) -> Tensor:
+        chunks = x.split(self.c_in, dim=1)
+        return torch.cat([conv(c) for conv, c in zip(self.convs, chunks, strict=True)], dim=1)
+
+
+def grouped_net() -> nn.Sequential:
+    torch.manual_seed(6)
+    return nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding=1, groups=2),
+        nn.Tanh(),
+        nn.Conv2d(6, 6, 3, stride=2, groups=6, bias=False),  # depthwise
+        nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 3),
+    ).double()
+
+
+def grouped_data():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(8, 4, 6, 6, generator=g, dtype=torch.float64)
+    return x, (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 3, 0, 0] > 0.5).long()
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_grouped_and_depthwise_convs_take_the_steps_of_one_conv_per_group(key):
+    """Each group is a convolution of its own with its own factors (block-diagonal over groups)."""
+    x, y = grouped_data()
+    net1 = grouped_net()
+    net2 = nn.Sequential(*(Grouped(m) if isinstance(m, nn.Conv2d) else copy.deepcopy(m) for m in net1))
+    torch.testing.assert_close(net1(x), net2(x))
+    hp = {"lr": 0.01} if "kbfgs" in key else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        names = so.make_optimizer(key, net1).modeled_modules
+    assert names == ["0[0]", "0[1]", *(f"2[{g}]" for g in range(6)), "4"]
+    l1, l2 = steps(key, net1, x, y, **hp), steps(key, net2, x, y, **hp)
+    assert l1 == pytest.approx(l2, rel=1e-10, abs=1e-12)
+    assert l1[-1] < l1[0]
+    for g, part in enumerate(net2[0].convs):
+        torch.testing.assert_close(net1[0].weight[3 * g : 3 * g + 3], part.weight, rtol=1e-9, atol=1e-11)
+    for g, part in enumerate(net2[2].convs):
+        torch.testing.assert_close(net1[2].weight[g : g + 1], part.weight, rtol=1e-9, atol=1e-11)
+
+
+def test_a_grouped_conv_is_chosen_and_reported_as_one_module():
+    net = grouped_net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert so.make_optimizer("kfac", net, exclude="0").modeled_modules[0] == "2[0]"
+        assert so.make_optimizer("kfac", net, layers=["0"]).modeled_modules == ["0[0]", "0[1]"]
+        cov = so.make_optimizer("kbfgs", net).coverage()
+    assert cov["0.weight"] == cov["0.bias"] == "Conv2dGroupBlock('0[0]', '0[1]')"
+    assert "0" not in so.capture.unmodeled_modules(net)

@@ -125,13 +125,14 @@ def test_hooks_exist_only_inside_the_recording_phase():
 
 def test_unsupported_layers_are_not_modeled():
     model = nn.Sequential(
-        nn.Conv2d(4, 4, 3, groups=2),
+        nn.Conv2d(4, 4, 3, groups=2),  # modeled since layer blocks: one block per group
         nn.Conv2d(4, 4, 3, padding_mode="circular", padding=1),
         nn.Conv2d(4, 4, 2, padding="same"),
         nn.Conv2d(4, 4, 3),
         nn.Linear(3, 3),
     )
-    assert sorted(C.supported_modules(model)) == ["3", "4"]
+    assert sorted(C.supported_modules(model)) == ["0", "3", "4"]
+    assert sorted(C.layer_blocks(model)) == ["0[0]", "0[1]", "3", "4"]
 
 
 def test_ddp_wrapper_is_unwrapped():

@@ -132,12 +132,11 @@ def test_unmodeled_modules_give_reasons():
     model[5].weight.requires_grad_(False)
     why = C.unmodeled_modules(model)
     assert why == {
-        "0": "Conv2d with groups=2 is not supported by Conv2dBlock",
         "1": "Conv2d with padding (1, 1) with padding_mode='circular' is not supported by Conv2dBlock",
         "2": "no layer block for BatchNorm2d",
         "5": "Linear with a frozen weight",
     }
-    assert list(C.layer_blocks(model)) == ["3", "4", "4.out_proj"]
+    assert list(C.layer_blocks(model)) == ["0[0]", "0[1]", "3", "4", "4.out_proj"]
 
 
 def test_an_excluded_layer_follows_the_momentum_gradient():

@@ -36,6 +36,7 @@ from ..linalg.kron import gram, gram_
 __all__ = [
     "Conv1dBlock",
     "Conv2dBlock",
+    "Conv2dGroupBlock",
     "EmbeddingBlock",
     "LayerBlock",
     "LinearBlock",
@@ -123,6 +124,14 @@ class LayerBlock:
         :meth:`update_targets`): ``weight`` and, if present, ``bias``. :meth:`grad_matrix` takes
         tensors of their shapes."""
         return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    #: the suffix of a block that models one part of its module (``"[2]"``: group 2), else ``""``
+    part: str = ""
+
+    def split(self) -> list[LayerBlock]:
+        """The blocks this module is modeled by: itself, or one per part (a grouped conv's groups),
+        each with its own :attr:`part`."""
+        return [self]
 
     def update_targets(self) -> tuple[Tensor, Tensor | None]:
         """Where the two parts of :meth:`split_matrix` are applied: the weight and the bias, or
@@ -250,11 +259,14 @@ class Conv2dBlock(LayerBlock):
     @classmethod
     def unsupported(cls, module: nn.Module) -> str | None:
         assert isinstance(module, nn.Conv2d)
-        if module.groups != 1:
-            return f"groups={module.groups}"
         if conv_padding(module) is None:
             return f"padding {module.padding!r} with padding_mode={module.padding_mode!r}"
         return None
+
+    def split(self) -> list[LayerBlock]:
+        if self.module.groups == 1:
+            return [self]
+        return [Conv2dGroupBlock(self.module, g) for g in range(self.module.groups)]
 
     def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
         p = patches(self.module, a)  # (m, D, T)
@@ -306,6 +318,81 @@ class Conv2dBlock(LayerBlock):
         for i in range(0, a.shape[0], step):
             gram_(out, self.input_rows(a[i : i + step]), 1.0)
         return out.div_(self.examples(a, batch_size))
+
+
+class Conv2dGroupBlock(LayerBlock):
+    """Group ``g`` of an ``nn.Conv2d`` with ``groups > 1`` (depthwise included): the filters
+    ``weight[g d_g : (g+1) d_g]`` see only the input channels of group ``g``, so each group is a
+    convolution of its own, with its own Kronecker factors (the factors of the whole layer are
+    block-diagonal over the groups). Its rows are the Conv2d block's on the group's channels.
+    """
+
+    module: nn.Conv2d
+
+    def __init__(self, module: nn.Conv2d, group: int) -> None:
+        super().__init__(module)
+        groups = module.groups
+        self.group = group
+        self.part = f"[{group}]"
+        c_in, c_out = module.in_channels // groups, module.out_channels // groups
+        self._in = slice(group * c_in, (group + 1) * c_in)
+        self._out = slice(group * c_out, (group + 1) * c_out)
+        # the group's geometry as a plain convolution (on the meta device: shapes only, no memory)
+        shape = nn.Conv2d(
+            c_in,
+            c_out,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            bias=module.bias is not None,
+            device="meta",
+        )
+        self._geometry = Conv2dBlock(shape)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight[self._out]
+
+    @property
+    def bias(self) -> Tensor | None:
+        return None if self.module.bias is None else self.module.bias[self._out]
+
+    def parameters(self) -> list[Tensor]:
+        m = self.module
+        return [m.weight] if m.bias is None else [m.weight, m.bias]
+
+    def grad_matrix(self, weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
+        return super().grad_matrix(
+            weight_grad[self._out], None if bias_grad is None else bias_grad[self._out]
+        )
+
+    def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
+        return self._geometry.input_rows(a[:, self._in], bias)
+
+    def output_rows(self, h: Tensor) -> Tensor:
+        return self._geometry.output_rows(h[:, self._out])
+
+    def num_locations(self, h: Tensor, batch_size: int | None = None) -> int:
+        return self._geometry.num_locations(h[:, self._out], batch_size)
+
+    def output_spatial_shape(self, h: Tensor) -> tuple[int, ...]:
+        return tuple(h.shape[2:])
+
+    def spatial_mean(self, h: Tensor) -> Tensor:
+        return self._geometry.spatial_mean(h[:, self._out])
+
+    def spatial_abs_mean(self, h: Tensor) -> Tensor:
+        return self._geometry.spatial_abs_mean(h[:, self._out])
+
+    def input_mean(self, a: Tensor, out_hw: tuple[int, ...]) -> Tensor:
+        return self._geometry.input_mean(a[:, self._in], out_hw)
+
+    def input_action(self, a: Tensor, v: Tensor, batch_size: int | None = None) -> Tensor:
+        return self._geometry.input_action(a[:, self._in], v, batch_size)
+
+    def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24, batch_size: int | None = None) -> Tensor:
+        return self._geometry.input_gram(a[:, self._in], chunk_elements, batch_size)
 
 
 class Conv1dBlock(Conv2dBlock):

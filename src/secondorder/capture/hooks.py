@@ -124,7 +124,8 @@ def layer_blocks(model: nn.Module) -> dict[str, LayerBlock]:
         else:
             b = block_for(module)
         if b is not None and b.weight.requires_grad:
-            found[name] = b
+            for part in b.split():
+                found[name + part.part] = part
     return found
 
 
@@ -133,10 +134,10 @@ def unmodeled_modules(model: nn.Module) -> dict[str, str]:
     model = unwrap(model)
     children, parents = _parent_blocks(model)
     cross = _cross_attention(model)
-    found = layer_blocks(model)
+    modeled = {id(b.module) for b in layer_blocks(model).values()}
     out: dict[str, str] = {}
     for name, module in model.named_modules():
-        if name in found or not any(p.requires_grad for p in module.parameters(recurse=False)):
+        if id(module) in modeled or not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         kind = type(module).__name__
         cls = block_type_for(module)
@@ -158,8 +159,8 @@ def unmodeled_modules(model: nn.Module) -> dict[str, str]:
 
 
 def supported_modules(model: nn.Module) -> dict[str, Modeled]:
-    """The modules of :func:`layer_blocks`, by name."""
-    return {name: b.module for name, b in layer_blocks(model).items()}
+    """The modules of :func:`layer_blocks`, by module name (once for a module modeled in parts)."""
+    return {name[: len(name) - len(b.part)]: b.module for name, b in layer_blocks(model).items()}
 
 
 def has_bias(module: nn.Module) -> bool:

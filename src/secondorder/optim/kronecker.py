@@ -115,9 +115,12 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         include: tuple[LayerSpec, ...] | None,
         exclude: tuple[LayerSpec, ...] | None,
     ) -> dict[str, LayerBlock]:
+        def module_name(name: str, block: LayerBlock) -> str:  # "conv[2]" (a group) -> "conv"
+            return name[: len(name) - len(block.part)] if block.part else name
+
         for arg, specs in (("layers", include), ("exclude", exclude)):
             for spec in specs or ():
-                if not any(_matches(n, b.module, spec) for n, b in found.items()):
+                if not any(_matches(module_name(n, b), b.module, spec) for n, b in found.items()):
                     raise ValueError(
                         f"{arg}: {spec!r} matches no layer that {self.method} can model "
                         f"(layers with a block: {', '.join(found) or 'none'})"
@@ -125,8 +128,8 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         chosen = {
             n: b
             for n, b in found.items()
-            if (include is None or any(_matches(n, b.module, s) for s in include))
-            and not any(_matches(n, b.module, s) for s in exclude or ())
+            if (include is None or any(_matches(module_name(n, b), b.module, s) for s in include))
+            and not any(_matches(module_name(n, b), b.module, s) for s in exclude or ())
         }
         if not chosen:
             why = unmodeled_modules(self.module)
@@ -164,8 +167,11 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         :data:`FALLBACK`."""
         names = {id(p): n for n, p in self.named_params()}
         out = {n: FALLBACK for n in names.values()}
+        parts: dict[str, list[str]] = {}
         for mname, b in self.blocks.items():
             for p in b.parameters():
                 if id(p) in names:
-                    out[names[id(p)]] = f"{type(b).__name__}('{mname}')"
+                    parts.setdefault(names[id(p)], []).append(mname)
+                    block_names = ", ".join(f"'{n}'" for n in parts[names[id(p)]])
+                    out[names[id(p)]] = f"{type(b).__name__}({block_names})"
         return out
