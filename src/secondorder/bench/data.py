@@ -11,6 +11,8 @@ Each thesis data family has its real loader and its offline stand-ins (each unde
   package), then ``cifar-synth10``.
 * ``cifar100``: real ``cifar-100-python/`` or the ``.tar.gz``; offline ``cifar-synth100``.
 * ``webspam``: real ``webspam_wc_normalized_unigram.svm.xz`` (or ``.bz2``); offline ``webspam-synth``.
+* ``text`` (not a thesis family; the ``charlm`` problem): ``input.txt`` in ``--data-dir``; offline
+  ``python-docs`` (the documentation topics every CPython ships, :mod:`secondorder.bench.text`).
 
 With ``--data-dir`` the real loader runs and a missing file is an error (never a silent
 fallback); ``--dataset NAME`` picks any member of the family explicitly. Generated data is
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from . import curves as CV
 from . import standins as S
+from . import text as TX
 from .dataset import Dataset, DatasetError
 from .loaders import (
     FACES_TEST_SPLITS,
@@ -132,6 +135,10 @@ FAMILIES: dict[str, dict[str, Callable[[DataOptions], Dataset]]] = {
         "webspam": lambda o: load_webspam(_need_dir(o, "webspam"), CV.cache_dir(o.cache_dir)),
         "webspam-synth": lambda o: S.webspam_synth(seed=o.synth_seed),
     },
+    "text": {
+        "text": lambda o: TX.text_file(_need_dir(o, "text")),
+        "python-docs": lambda o: TX.python_docs(),
+    },
 }
 
 #: offline defaults, tried in order (the first that loads wins)
@@ -142,6 +149,7 @@ OFFLINE: dict[str, list[str]] = {
     "cifar10": ["fashion32x3", "cifar-synth10"],
     "cifar100": ["cifar-synth100"],
     "webspam": ["webspam-synth"],
+    "text": ["python-docs"],
 }
 
 

@@ -222,6 +222,8 @@ class Benchmark:
         kept = []
         for row in self.rows:
             try:
+                if (why := P.unsupported(self.problem, row.method)) is not None:
+                    raise MethodUnavailable(why)
                 build_optimizer(
                     row.method, model, row.grid_points()[0] if self.config.hp_mode == "grid" else row.hp
                 )

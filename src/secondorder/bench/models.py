@@ -10,12 +10,14 @@
   changes), ``kaiming_normal_`` (fan-in, ReLU gain) for conv and FC weights. ResNet32-4
   widens every stage by 4 (64/128/256; the stem keeps 16 channels, as wide ResNets do).
 * Chapter-5 classifiers (5.8): logistic (sigmoid) hidden units, default init.
+* Not from the thesis: :class:`CharTransformer`, the decoder-only character model of ``charlm``.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -162,3 +164,34 @@ def resnet32(num_classes: int = 10, width: int = 1) -> ResNetCifar:
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class CharTransformer(nn.Module):
+    """A decoder-only character model: token embedding + learned positions, ``layers`` causal
+    pre-norm ``nn.TransformerEncoderLayer`` blocks (GELU, feed-forward ``4 width``), a final
+    LayerNorm and a linear head. ``(m, T)`` tokens -> ``(m T, V)`` next-token logits."""
+
+    def __init__(self, vocab: int, context: int = 64, width: int = 128, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.zeros(context, width))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer(
+            "mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1]
+        h = self.emb(x) + self.pos[:t]
+        mask = self.mask[:t, :t]
+        for block in self.blocks:
+            h = block(h, src_mask=mask, is_causal=True)
+        return self.head(self.norm(h)).flatten(0, 1)

@@ -38,6 +38,7 @@ AUTOENCODERS = ("mnist", "faces", "curves")
 CNNS = ("cifar10-vgg16", "cifar10-resnet32", "cifar100-vgg16", "cifar100-resnet32")
 WIDE = ("cifar10-resnet32-4", "cifar100-resnet32-4")
 CLASSIFIERS = ("mnist-mlp", "cifar10-mlp", "webspam")
+LANGUAGE_MODELS = ("charlm",)
 
 #: the Table 3.8 switches of ``kbfgs`` (``secondorder.optim.kbfgs.VARIANTS``): the options that turn an
 #: improvement off. #1 = D_P D_LM damping of the (s, y) pairs (off: DD, Algorithm 3, so damping <= 1);
@@ -640,6 +641,29 @@ def _ch5(problem: str) -> list[Preset]:
     return rows
 
 
+#: charlm (not a thesis problem): per method the values a 30 s process-time sweep on python-docs
+#: found best (one thread; ``--hp grid`` searches the listed learning rates); momentum, stat_decay
+#: and frequencies are the methods' defaults
+LM_ROWS: dict[str, tuple[str, dict[str, Any], list[float]]] = {
+    "sgd-m": ("sgd", {"lr": 0.3}, [0.1, 0.3, 1.0]),
+    "adamw": ("adam", {"lr": 0.01, "weight_decay": 0.1}, [3e-3, 0.01, 0.03]),
+    "kfac": ("kfac", {"lr": 0.3, "damping": 1.0}, [0.1, 0.3, 1.0]),
+    "kfac-ef": ("kfac-ef", {"lr": 0.3, "damping": 1.0}, [0.1, 0.3, 1.0]),
+    "kbfgs": ("kbfgs", {"lr": 1.0, "damping": 3.0}, [0.3, 1.0, 3.0]),
+    "kbfgsl": ("kbfgsl", {"lr": 0.3, "damping": 1.0}, [0.1, 0.3, 1.0]),
+    "tnt": ("tnt", {"lr": 1e-3, "damping": 0.1}, [3e-4, 1e-3, 3e-3]),
+    "tnt-ef": ("tnt-ef", {"lr": 3e-3, "damping": 0.1}, [1e-3, 3e-3, 0.01]),
+    "shampoo": ("shampoo", {"lr": 0.01, "damping": 1e-3}, [3e-3, 0.01, 0.03]),
+}
+
+
+def _lm(problem: str) -> list[Preset]:
+    return [
+        Preset(label, method, dict(hp), {"lr": grid}, "ours: 30 s sweep on python-docs", label)
+        for label, (method, hp, grid) in LM_ROWS.items()
+    ]
+
+
 def _suite_rows(builder, problems) -> dict[str, list[Preset]]:
     return {p: builder(p) for p in problems}
 
@@ -684,10 +708,17 @@ SUITES: dict[str, Suite] = {
         "section 5.8 (Figs 5.1-5.3): SMW-GN/NG, HF, KFAC, SGD on the classifiers",
         _suite_rows(_ch5, CLASSIFIERS),
     ),
+    "lm": Suite(
+        "lm",
+        "not from the thesis: the methods that handle token outputs on a character transformer",
+        _suite_rows(_lm, LANGUAGE_MODELS),
+    ),
 }
 
 
 def default_suite(problem: str) -> str:
+    if problem in LANGUAGE_MODELS:
+        return "lm"
     return "ch5" if problem in CLASSIFIERS else "ch3"
 
 

@@ -7,6 +7,9 @@
   LR step schedule.
 * ``mnist-mlp`` (784-500-10, batch 60, 10 epochs), ``cifar10-mlp`` (3072-400-400-10, batch 100,
   10 epochs), ``webspam`` (254-400-400-1, batch 60, 1 epoch): logistic hidden units (5.8).
+* ``charlm`` (not a thesis problem): a decoder-only character transformer on the ``text`` family
+  (offline: ``python-docs``), next-character cross-entropy, batch 32 windows of 64 characters,
+  300 s of process time; its test metric is the cross-entropy per character.
 
 Metrics (docs/notes.md §10): the training loss is the mean of per-batch mean losses over the
 ``floor(N/m)`` full training batches, in ``eval()`` mode, without augmentation (plus the chapter-2
@@ -29,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..capture import Likelihood, infer_likelihood, losses
 from . import models as M
@@ -58,9 +62,9 @@ class Problem:
 
     name: str
     family: str
-    kind: Literal["autoencoder", "cnn", "classifier"]
+    kind: Literal["autoencoder", "cnn", "classifier", "lm"]
     build: Callable[[int], nn.Module]
-    loss: Literal["bce-sum", "half-sq", "ce", "bce-binary"]
+    loss: Literal["bce-sum", "half-sq", "ce", "bce-binary", "token-ce"]
     batch_size: int
     time_budget: float | None
     epochs: int | None
@@ -68,7 +72,15 @@ class Problem:
 
     @property
     def classification(self) -> bool:
-        return self.kind != "autoencoder"
+        return self.kind not in ("autoencoder", "lm")
+
+    @property
+    def test_metric(self) -> str:
+        """What :func:`test_error` measures, for the outputs."""
+        return {
+            "autoencoder": "per-pixel MSE of the reconstruction",
+            "lm": "cross-entropy per character (nats)",
+        }.get(self.kind, "classification error")
 
 
 def _ae(name: str, loss: str, budget: float) -> Problem:
@@ -145,6 +157,18 @@ PROBLEMS: dict[str, Problem] = {
         10,
         "3072-400-400-10 classifier, logistic hidden units, standardised inputs",
     ),
+    "charlm": Problem(
+        "charlm",
+        "text",
+        "lm",
+        lambda vocab: M.CharTransformer(vocab),
+        "token-ce",
+        32,
+        300.0,
+        None,
+        "decoder-only character transformer (2 causal pre-norm layers, width 128, 4 heads, "
+        "context 64), next-character cross-entropy (not a thesis problem)",
+    ),
     "webspam": Problem(
         "webspam",
         "webspam",
@@ -157,6 +181,20 @@ PROBLEMS: dict[str, Problem] = {
         "254-400-400-1 classifier, logistic units, standardised inputs",
     ),
 }
+
+
+#: methods whose curvature needs one output row per example (per-example Jacobians or losses)
+PER_EXAMPLE_METHODS = frozenset({"smw-gn", "smw-ng", "smw-ng-bd", "hf", "block-fisher"})
+
+
+def unsupported(problem: Problem, method: str) -> str | None:
+    """Why ``method`` cannot run on ``problem`` (``None`` when it can)."""
+    if problem.kind == "lm" and method in PER_EXAMPLE_METHODS:
+        return (
+            f"{method} needs one output row per example; {problem.name}'s model returns one row per "
+            "character of each sequence"
+        )
+    return None
 
 
 def get(name: str) -> Problem:
@@ -191,6 +229,7 @@ def base_loss(problem: Problem) -> nn.Module:
         "half-sq": losses.HalfSquaredErrorLoss,
         "ce": nn.CrossEntropyLoss,
         "bce-binary": nn.BCEWithLogitsLoss,
+        "token-ce": losses.TokenCrossEntropyLoss,
     }[problem.loss]()
 
 
@@ -221,6 +260,20 @@ class Prepared:
 def prepare(problem: Problem, data: Dataset, device: torch.device | str = "cpu") -> Prepared:
     """Convert a data set for ``problem`` (normalise / standardise / flatten) and move it to ``device``."""
     info: dict[str, Any] = {}
+    if problem.kind == "lm":  # character windows: token indices in, next tokens out
+        if data.x_train.ndim != 2 or data.y_train is None or data.y_test is None:
+            raise ValueError(f"{problem.name}: needs (n, T) token windows with next-token targets")
+        as_long = dict(dtype=torch.long, device=device)
+        return Prepared(
+            torch.as_tensor(data.x_train, **as_long),
+            torch.as_tensor(data.y_train, **as_long),
+            torch.as_tensor(data.x_test, **as_long),
+            torch.as_tensor(data.y_test, **as_long),
+            data.num_classes,
+            False,
+            None,
+            info,
+        )
     x_tr, x_te = data.x_train.astype(np.float32), data.x_test.astype(np.float32)
     pad = None
     if problem.kind == "autoencoder":
@@ -290,15 +343,22 @@ def _batches(n: int, size: int, drop_last: bool) -> list[tuple[int, int]]:
     return [(i * size, (i + 1) * size) for i in range(n // size)]
 
 
+#: language models: the training loss is measured on the first windows only (a full pass over
+#: every window costs as much as an epoch of first-order training)
+LM_TRAIN_EVAL_WINDOWS = 1024
+
+
 @torch.no_grad()
 def train_loss(problem: Problem, model: nn.Module, loss_fn: nn.Module, data: Prepared, batch: int) -> float:
-    """Mean of per-batch mean losses over the full training batches, ``eval()`` mode, no augmentation."""
+    """Mean of per-batch mean losses over the full training batches, ``eval()`` mode, no augmentation
+    (language models: over the first :data:`LM_TRAIN_EVAL_WINDOWS` windows)."""
     was = model.training
     model.eval()
+    n = len(data.x_train) if problem.kind != "lm" else min(len(data.x_train), LM_TRAIN_EVAL_WINDOWS)
     try:
         values = [
             float(loss_fn(model(data.x_train[a:b]), data.t_train[a:b]))
-            for a, b in _batches(len(data.x_train), batch, drop_last=True)
+            for a, b in _batches(n, batch, drop_last=True)
         ]
     finally:
         model.train(was)
@@ -307,7 +367,8 @@ def train_loss(problem: Problem, model: nn.Module, loss_fn: nn.Module, data: Pre
 
 @torch.no_grad()
 def test_error(problem: Problem, model: nn.Module, data: Prepared, batch: int) -> float:
-    """Autoencoders: per-pixel MSE of the reconstruction; classifiers: the error rate (0-1)."""
+    """Autoencoders: per-pixel MSE of the reconstruction; classifiers: the error rate (0-1);
+    language models: the mean cross-entropy per character."""
     was = model.training
     model.eval()
     try:
@@ -322,6 +383,8 @@ def test_error(problem: Problem, model: nn.Module, data: Prepared, batch: int) -
             if kind == "autoencoder":
                 pred = torch.sigmoid(z) if problem.loss == "bce-sum" else z
                 total += float(((pred - t) ** 2).mean()) * (b - a)
+            elif kind == "lm":
+                total += float(F.cross_entropy(z, t.reshape(-1))) * (b - a)
             elif problem.loss == "bce-binary":
                 total += float(((z > 0).float() != t).float().sum())
             else:

@@ -167,9 +167,7 @@ def markdown(outcome: Outcome) -> str:
     lines += [
         "",
         "Mean ± standard deviation over the seeds whose run finished normally (diverged runs are counted in "
-        "the last column, not averaged); test error = "
-        + ("per-pixel MSE of the reconstruction" if prob.kind == "autoencoder" else "classification error")
-        + ".",
+        "the last column, not averaged); test error = " + prob.test_metric + ".",
         "",
     ]
     thesis_col = "thesis" + ("" if comparable else " (real data; not comparable)")
@@ -341,7 +339,9 @@ def plot_curves(outcome: Outcome, path: Path, axis: str) -> None:
             if len(curves) > 1:
                 ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
     xlabel = "epoch" if axis == "epoch" else f"training time (s, {outcome.clock} clock)"
-    test_label = "test error (per-pixel MSE)" if outcome.problem.kind == "autoencoder" else "test error"
+    test_label = {"autoencoder": "test error (per-pixel MSE)", "lm": "test loss (nats per character)"}.get(
+        outcome.problem.kind, "test error"
+    )
     for j, ylabel in enumerate(("training loss", test_label)):
         ax = axes[j, 0]
         ax.set_xlabel(xlabel)

@@ -219,6 +219,8 @@ def train(
         torch.manual_seed(spec.seed)
         model = problem.build(data.num_classes).to(device)
         loss_fn, likelihood = P.make_loss(problem, model, spec.l2)
+        if (why := P.unsupported(problem, spec.method)) is not None:
+            raise MethodUnavailable(why)
         opt = build_optimizer(spec.method, model, spec.hp)
         return _train(spec, problem, data, model, loss_fn, likelihood, opt, on_epoch)
 

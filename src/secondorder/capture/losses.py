@@ -9,7 +9,8 @@ The thesis (Tables 2.4/3.6, docs/notes.md §10) reports
 * FACES: ``(1/m) sum_n 1/2 sum_j (z_nj - t_nj)^2``.
 
 These two modules compute exactly that, and :func:`secondorder.capture.likelihood.infer_likelihood`
-reads them as Bernoulli and Gaussian likelihoods with feature scale 1.
+reads them as Bernoulli and Gaussian likelihoods with feature scale 1. :class:`TokenCrossEntropyLoss`
+is the language-model loss of the ``charlm`` benchmark problem.
 """
 
 from __future__ import annotations
@@ -36,3 +37,16 @@ class HalfSquaredErrorLoss(nn.Module):
     def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
         diff = outputs - targets.to(outputs.dtype)
         return 0.5 * diff.pow(2).sum() / outputs.shape[0]
+
+
+class TokenCrossEntropyLoss(nn.CrossEntropyLoss):
+    """Cross-entropy of next-token logits ``(m T, V)`` against tokens ``(m, T)``, averaged over
+    every token.
+
+    A sequence is one example: its loss is the mean over its tokens and the batch loss the mean
+    over sequences, so :func:`~secondorder.capture.likelihood.infer_likelihood` reads it as the
+    categorical likelihood with ``g_n = m dL/dh`` (sampled targets: one per token).
+    """
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return super().forward(logits, targets.reshape(-1))
