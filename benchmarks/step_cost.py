@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import secondorder as so
+from secondorder.bench.models import CharTransformer
 from secondorder.optim.kronecker import UnmodeledParametersWarning
 
 WIDTHS = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
@@ -72,40 +73,9 @@ def autoencoder() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-#: the character-level transformer of ``--problem transformer``: vocabulary, context, width, layers
+#: ``--problem transformer``: the ``charlm`` model of the benchmark (2 layers, width 128, context 64)
+#: over a 96-symbol vocabulary, batches of 32 random windows
 VOCAB, CONTEXT, WIDTH, LAYERS, LM_BATCH = 96, 64, 128, 2, 32
-
-
-class CharTransformer(nn.Module):
-    """A decoder-only character model: embedding + learned positions, causal
-    ``nn.TransformerEncoderLayer`` blocks (pre-norm, GELU), a linear head; ``(m, T)`` tokens ->
-    ``(m T, V)`` logits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(VOCAB, WIDTH)
-        self.pos = nn.Parameter(torch.zeros(CONTEXT, WIDTH))
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                WIDTH, 4, 4 * WIDTH, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-            )
-            for _ in range(LAYERS)
-        )
-        self.head = nn.Linear(WIDTH, VOCAB)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(CONTEXT))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.emb(x) + self.pos
-        for block in self.blocks:
-            h = block(h, src_mask=self.mask, is_causal=True)
-        return self.head(h).flatten(0, 1)
-
-
-class TokenCrossEntropy(nn.CrossEntropyLoss):
-    """Cross-entropy of ``(m T, V)`` logits against ``(m, T)`` next tokens (mean over tokens)."""
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return super().forward(logits, targets.reshape(-1))
 
 
 def batches(problem: str, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -123,11 +93,15 @@ class Runner:
 
     def __init__(self, key: str, hp: dict, data: list, device: str, problem: str = "mnist-ae"):
         torch.manual_seed(0)
-        self.model = (autoencoder() if problem == "mnist-ae" else CharTransformer()).to(device)
+        self.model = (autoencoder() if problem == "mnist-ae" else CharTransformer(VOCAB)).to(device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnmodeledParametersWarning)
             self.opt = so.make_optimizer(key, self.model, **hp)
-        loss_fn = so.losses.SummedBCEWithLogitsLoss() if problem == "mnist-ae" else TokenCrossEntropy()
+        loss_fn = (
+            so.losses.SummedBCEWithLogitsLoss()
+            if problem == "mnist-ae"
+            else so.losses.TokenCrossEntropyLoss()
+        )
         self.closures = [so.Closure(self.model, x, t, loss_fn) for x, t in data]
         self.opt.warm_start(self.closures[:2])
         self.device = device
