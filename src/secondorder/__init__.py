@@ -45,6 +45,7 @@ from .optim import (
     RMSprop,
     SecondOrderOptimizer,
     Shampoo,
+    UnmodeledParametersWarning,
     implemented,
     make_optimizer,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "BlockFisher",
     "HessianFree",
     "Shampoo",
+    "UnmodeledParametersWarning",
     "Closure",
     "LayerBlock",
     "Likelihood",

@@ -6,6 +6,7 @@ from .block_fisher import BlockFisher
 from .hf import HessianFree
 from .kbfgs import KBFGS, KBFGS20, KBFGSL, KBFGSL20, VARIANTS, AInverse, AStatistic, PairDamping, SkipRule
 from .kfac import KFAC, KFACEF, PiSplit, WeightSharing
+from .kronecker import KroneckerFactoredOptimizer, UnmodeledParametersWarning
 from .levenberg import CurvatureSample, LMRule, ModelReduction
 from .registry import METHODS, implemented, make_optimizer, optimizer_class
 from .shampoo import Shampoo
@@ -36,6 +37,8 @@ __all__ = [
     "ModelReduction",
     "KFAC",
     "KFACEF",
+    "KroneckerFactoredOptimizer",
+    "UnmodeledParametersWarning",
     "METHODS",
     "SGD",
     "Adam",
