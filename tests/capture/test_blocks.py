@@ -38,10 +38,7 @@ class PointwiseBlock(so.LayerBlock):
     """Rows: one per example and position, channels last."""
 
     def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
-        rows = a.transpose(1, 2).reshape(-1, a.shape[1])
-        if self.has_bias if bias is None else bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows
+        return self.homogeneous(a.transpose(1, 2).reshape(-1, a.shape[1]), bias)
 
     def output_rows(self, h: Tensor) -> Tensor:
         return h.transpose(1, 2).reshape(-1, h.shape[1])

@@ -154,8 +154,16 @@ class LayerBlock:
         return args[0]
 
     def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
-        """The ``abar`` rows, ``(m |T|, D)``, the homogeneous 1 last when ``bias`` (default: the layer's)."""
+        """The ``abar`` rows, ``(m |T|, D)``, the homogeneous 1 last when ``bias`` (default: the layer's;
+        :meth:`homogeneous` appends it)."""
         raise NotImplementedError(f"{type(self).__name__} must define input_rows")
+
+    def homogeneous(self, rows: Tensor, bias: bool | None = None) -> Tensor:
+        """``rows`` with the homogeneous coordinate 1 appended when ``bias`` (default: when the layer
+        has a bias): ``abar = [a; 1]``, so that ``[W | b] abar = W a + b``."""
+        if self.has_bias if bias is None else bias:
+            return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows
 
     def output_rows(self, h: Tensor) -> Tensor:
         """The rows of ``h`` (or ``dL/dh``), ``(m |T|, d_o)``, in the order of :meth:`input_rows`."""
@@ -240,9 +248,7 @@ class LinearBlock(LayerBlock):
 
     def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
         rows = a.reshape(-1, a.shape[-1])
-        if self.has_bias if bias is None else bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows
+        return self.homogeneous(rows, bias)
 
     def output_rows(self, h: Tensor) -> Tensor:
         return h.reshape(-1, h.shape[-1])
@@ -271,9 +277,7 @@ class Conv2dBlock(LayerBlock):
     def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
         p = patches(self.module, a)  # (m, D, T)
         rows = p.transpose(1, 2).reshape(-1, p.shape[1])
-        if self.has_bias if bias is None else bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows
+        return self.homogeneous(rows, bias)
 
     def output_rows(self, h: Tensor) -> Tensor:
         return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
@@ -320,6 +324,28 @@ class Conv2dBlock(LayerBlock):
         return out.div_(self.examples(a, batch_size))
 
 
+def _as_conv2d(module: nn.Conv1d | nn.Conv2d, c_in: int | None = None, c_out: int | None = None) -> nn.Conv2d:
+    """The geometry of ``module`` (a Conv2d, or a Conv1d as a ``(1, k)`` Conv2d) as an ungrouped Conv2d
+    with ``c_in`` / ``c_out`` channels (default the module's), on the meta device: shapes, no memory.
+    The blocks of one group and of 1-d convolutions reuse the Conv2d block's forms through it."""
+    if isinstance(module, nn.Conv1d):  # length L as the width of a height-1 image
+        kernel, stride, dilation = (1, module.kernel_size[0]), (1, module.stride[0]), (1, module.dilation[0])
+        padding: Any = module.padding if isinstance(module.padding, str) else (0, module.padding[0])
+    else:
+        kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
+    return nn.Conv2d(
+        module.in_channels if c_in is None else c_in,
+        module.out_channels if c_out is None else c_out,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        bias=module.bias is not None,
+        padding_mode=module.padding_mode,
+        device="meta",
+    )
+
+
 class Conv2dGroupBlock(LayerBlock):
     """Group ``g`` of an ``nn.Conv2d`` with ``groups > 1`` (depthwise included): the filters
     ``weight[g d_g : (g+1) d_g]`` see only the input channels of group ``g``, so each group is a
@@ -337,18 +363,7 @@ class Conv2dGroupBlock(LayerBlock):
         c_in, c_out = module.in_channels // groups, module.out_channels // groups
         self._in = slice(group * c_in, (group + 1) * c_in)
         self._out = slice(group * c_out, (group + 1) * c_out)
-        # the group's geometry as a plain convolution (on the meta device: shapes only, no memory)
-        shape = nn.Conv2d(
-            c_in,
-            c_out,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            bias=module.bias is not None,
-            device="meta",
-        )
-        self._geometry = Conv2dBlock(shape)
+        self._geometry = Conv2dBlock(_as_conv2d(module, c_in, c_out))
 
     @property
     def weight(self) -> Tensor:
@@ -395,61 +410,50 @@ class Conv2dGroupBlock(LayerBlock):
         return self._geometry.input_gram(a[:, self._in], chunk_elements, batch_size)
 
 
-class Conv1dBlock(Conv2dBlock):
-    """``nn.Conv1d`` with ``groups == 1`` and zero padding: the Conv2d block on ``(m, C, 1, L)``.
-
-    A kernel ``k`` is the 2-d kernel ``(1, k)``; the patch order (channel, kernel position) is
-    that of ``weight.view(d_o, -1)``.
+class Conv1dBlock(LayerBlock):
+    """``nn.Conv1d`` with ``groups == 1`` and zero padding: the Conv2d block (Algorithm 12's
+    im2col patches) on the input seen as ``(m, C, 1, L)`` with the kernel ``(1, k)``; the patch
+    order (channel, kernel position) is that of ``weight.view(d_o, -1)``.
     """
 
-    module: nn.Conv1d  # type: ignore[assignment]
+    module: nn.Conv1d
+
+    def __init__(self, module: nn.Conv1d) -> None:
+        super().__init__(module)
+        self._geometry = Conv2dBlock(_as_conv2d(module))
 
     @classmethod
     def unsupported(cls, module: nn.Module) -> str | None:
         assert isinstance(module, nn.Conv1d)
         if module.groups != 1:
             return f"groups={module.groups}"
-        if module.padding_mode != "zeros" or (
-            module.padding == "same" and (module.dilation[0] * (module.kernel_size[0] - 1)) % 2
-        ):
+        if conv_padding(_as_conv2d(module)) is None:
             return f"padding {module.padding!r} with padding_mode={module.padding_mode!r}"
         return None
 
-    def _geometry(self) -> dict[str, Any]:
-        m = self.module
-        if isinstance(m.padding, str):
-            pad = 0 if m.padding == "valid" else m.dilation[0] * (m.kernel_size[0] - 1) // 2
-        else:
-            pad = int(m.padding[0])
-        return dict(stride=(1, m.stride[0]), padding=(0, pad), dilation=(1, m.dilation[0]))
-
-    def _kernel(self) -> tuple[int, int]:
-        return (1, self.module.kernel_size[0])
-
     def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
-        p = F.unfold(a.unsqueeze(2), self._kernel(), **self._geometry())  # (m, D, T)
-        rows = p.transpose(1, 2).reshape(-1, p.shape[1])
-        if self.has_bias if bias is None else bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows
+        return self._geometry.input_rows(a.unsqueeze(2), bias)
 
     def output_rows(self, h: Tensor) -> Tensor:
-        return h.transpose(1, 2).reshape(-1, h.shape[1])
+        return self._geometry.output_rows(h.unsqueeze(2))
+
+    def output_spatial_shape(self, h: Tensor) -> tuple[int, ...]:
+        return (1, h.shape[2])
 
     def spatial_mean(self, h: Tensor) -> Tensor:
-        return h.sum((0, 2)).div_(h.numel() // h.shape[1])
+        return self._geometry.spatial_mean(h.unsqueeze(2))
 
     def spatial_abs_mean(self, h: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(h, 1, dim=(0, 2)).div_(h.numel() // h.shape[1])
+        return self._geometry.spatial_abs_mean(h.unsqueeze(2))
 
     def input_mean(self, a: Tensor, out_hw: tuple[int, ...]) -> Tensor:
-        return LayerBlock.input_mean(self, a, out_hw)
+        return self._geometry.input_mean(a.unsqueeze(2), out_hw)
 
     def input_action(self, a: Tensor, v: Tensor, batch_size: int | None = None) -> Tensor:
-        return LayerBlock.input_action(self, a, v, batch_size)
+        return self._geometry.input_action(a.unsqueeze(2), v, batch_size)
 
     def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24, batch_size: int | None = None) -> Tensor:
-        return LayerBlock.input_gram(self, a, chunk_elements, batch_size)
+        return self._geometry.input_gram(a.unsqueeze(2), chunk_elements, batch_size)
 
 
 class EmbeddingBlock(LayerBlock):
@@ -548,9 +552,7 @@ class MultiheadAttentionBlock(LayerBlock):
 
     def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
         rows = a.transpose(0, 1).reshape(-1, a.shape[-1])  # (L, N, E) -> example-major rows
-        if self.has_bias if bias is None else bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows
+        return self.homogeneous(rows, bias)
 
     def output_rows(self, h: Tensor) -> Tensor:
         return h.transpose(0, 1).reshape(-1, h.shape[-1])
