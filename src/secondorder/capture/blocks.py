@@ -1,10 +1,10 @@
 """Layer blocks: the per-layer seam of the Kronecker-factored methods, and its open registry.
 
-A Kronecker-factored method (KFAC, K-BFGS) sees a layer as a map ``h_t = W abar_t`` per example
-and output location ``t``: ``abar_t`` is the layer input (a patch of it for a convolution) with the
-homogeneous 1 appended when the layer has a bias, ``W = [weight | bias]`` is a ``(d_o, D)``
-matrix, and ``h_t`` the pre-activation. A :class:`LayerBlock` says, for one layer type, how the
-captured tensors of that view are laid out:
+A Kronecker-factored method (KFAC, Algorithm 12; K-BFGS, Algorithms 9 and 4) sees a layer as a map
+``h_t = W abar_t`` per example and output location ``t``: ``abar_t`` is the layer input (a patch
+of it for a convolution) with the homogeneous 1 appended when the layer has a bias,
+``W = [weight | bias]`` is a ``(d_o, D)`` matrix, and ``h_t`` the pre-activation. A
+:class:`LayerBlock` says, for one layer type, how the captured tensors of that view are laid out:
 
 * :meth:`LayerBlock.layer_input` -- which tensor of the module's call is ``a`` (default: the
   first positional argument);
@@ -12,13 +12,15 @@ captured tensors of that view are laid out:
   matching rows of ``h`` (or ``dL/dh``), one per example and location;
 * :meth:`LayerBlock.grad_matrix` / :meth:`LayerBlock.split_matrix` -- the parameters' gradient as
   the ``(d_o, D)`` matrix and back;
-* the statistics the methods need (means over examples and locations, ``A v``, ``A``), with
-  generic defaults computed from the rows, which a block overrides with faster forms.
+* the statistics the methods need (Algorithm 12 line 14's ``Omega`` from the rows; K-BFGS's means
+  over examples and locations, ``A v`` of (3.15) and ``A``), with generic defaults computed from
+  the rows, which a block overrides with faster forms.
 
 The methods never test a module's type: they ask the registry (:func:`block_for`) for the block
-of each module. ``nn.Linear`` (any number of leading dimensions: the extra ones count as
-locations) and ``nn.Conv2d`` (``groups == 1``, zero padding) are built in; a user adds a layer type
-with :func:`register_layer`. Nothing here is specific to one method.
+of each module. Built in: ``nn.Linear`` (extra leading dimensions count as locations),
+``nn.Conv2d`` (zero padding; a grouped conv splits into one block per group), ``nn.Conv1d``
+(``groups == 1``), ``nn.Embedding`` and self-attention ``nn.MultiheadAttention``; a user adds a
+layer type with :func:`register_layer`. Nothing here is specific to one method.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def block(module: nn.Module) -> LayerBlock:
 
 
 def is_supported(module: nn.Module) -> bool:
-    """Whether a registered layer block models ``module`` (built in: Linear; Conv2d, groups=1)."""
+    """Whether a registered layer block models ``module`` (see :mod:`secondorder.capture.blocks`)."""
     return block_for(module) is not None
 
 

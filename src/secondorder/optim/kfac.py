@@ -1,6 +1,7 @@
 """KFAC and KFAC-EF: Algorithm 12 (conv and FC layers), Algorithm 7 (the chapter-2 FC form).
 
-Per modeled layer ``l`` (``Linear``, or ``Conv2d`` with groups 1), with ``abar`` the layer
+Per modeled layer ``l`` (each layer block of :mod:`secondorder.capture.blocks`: Linear, Conv1d,
+Conv2d and each group of a grouped Conv2d, Embedding, self-attention's projections), with ``abar`` the layer
 input with the homogeneous 1 (im2col patches for conv) and ``g = dl_n/dh`` the per-example
 pre-activation gradient (docs/notes.md §0):
 
