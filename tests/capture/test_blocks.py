@@ -138,6 +138,9 @@ def test_a_block_without_rows_says_so():
 
     with pytest.raises(NotImplementedError, match="Empty must define input_rows"):
         Empty(nn.Linear(2, 3)).input_rows(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="block Empty must define input_rows and output_rows"):
+        so.register_layer(Pointwise, Empty)  # refused when registered, not at the first step
+    assert LB.block_for(Pointwise(2, 3)) is None
 
 
 # ---------------------------------------------------------------------- default statistics

@@ -600,6 +600,9 @@ def register_layer(
     def add(cls: BlockT) -> BlockT:
         if not (isinstance(cls, type) and issubclass(cls, LayerBlock)):
             raise ValueError(f"block must be a LayerBlock subclass, got {cls!r}")
+        missing = [m for m in ("input_rows", "output_rows") if getattr(cls, m) is getattr(LayerBlock, m)]
+        if missing:
+            raise ValueError(f"block {cls.__name__} must define {' and '.join(missing)}")
         _REGISTRY[module_type] = cls
         return cls
 

@@ -224,7 +224,9 @@ def _functional_linear_capture(hooks: Mapping[int, Callable[[Tensor, Tensor], No
     module uses through a functional call (``nn.MultiheadAttention``'s projections).
 
     ``F.multi_head_attention_forward`` looks ``linear`` up in ``torch.nn.functional`` at each
-    call, so the wrapper is installed there for the phase and removed after it. (A
+    call, so the wrapper is installed there for the phase and removed after it (the previous
+    function is restored, so phases nest; like any module attribute it is process-wide, so a
+    phase must not overlap a forward pass in another thread). (A
     ``TorchFunctionMode`` cannot see those calls: the mode is off while it handles the enclosing
     Python functional, and switching it back on dispatches that functional again.)
     """
