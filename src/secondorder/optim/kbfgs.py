@@ -237,6 +237,12 @@ class _Pass2:
 
 
 # ------------------------------------------------------------------------------ optimizer
+def _arguments(frame_locals: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's arguments from its ``locals()`` (the four public constructors keep their own
+    signatures and defaults, Tables 2.5 / 3.5, and hand everything to ``_setup``)."""
+    return {k: v for k, v in frame_locals.items() if k not in ("self", "__class__")}
+
+
 class _KBFGSBase(KroneckerFactoredOptimizer):
     """Shared machinery of the four K-BFGS classes (see the module docstring)."""
 
@@ -255,7 +261,6 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
         stat_decay: float,
         weight_decay: float,
         update_freq: int,
-        history_size: int | None,
         mu1: float,
         pair_damping: str,
         a_statistic: str,
@@ -266,6 +271,7 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
         momentum_style: str,
         layers: LayerSpec | Iterable[LayerSpec] | None,
         exclude: LayerSpec | Iterable[LayerSpec] | None,
+        history_size: int | None = None,
     ) -> None:
         mu1 = H.fraction("mu1", mu1)
         if mu1 == 0:
@@ -823,26 +829,7 @@ class KBFGS(_KBFGSBase):
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
     ):
-        self._setup(
-            model,
-            lr=lr,
-            damping=damping,
-            momentum=momentum,
-            stat_decay=stat_decay,
-            weight_decay=weight_decay,
-            update_freq=update_freq,
-            history_size=None,
-            mu1=mu1,
-            pair_damping=pair_damping,
-            a_statistic=a_statistic,
-            a_inverse=a_inverse,
-            skip_rule=skip_rule,
-            double_grad=double_grad,
-            lr_decay_power=lr_decay_power,
-            momentum_style=momentum_style,
-            layers=layers,
-            exclude=exclude,
-        )
+        self._setup(**_arguments(locals()))
 
 
 class KBFGSL(_KBFGSBase):
@@ -876,26 +863,7 @@ class KBFGSL(_KBFGSBase):
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
     ):
-        self._setup(
-            model,
-            lr=lr,
-            damping=damping,
-            momentum=momentum,
-            stat_decay=stat_decay,
-            weight_decay=weight_decay,
-            update_freq=update_freq,
-            history_size=history_size,
-            mu1=mu1,
-            pair_damping=pair_damping,
-            a_statistic=a_statistic,
-            a_inverse=a_inverse,
-            skip_rule=skip_rule,
-            double_grad=double_grad,
-            lr_decay_power=lr_decay_power,
-            momentum_style=momentum_style,
-            layers=layers,
-            exclude=exclude,
-        )
+        self._setup(**_arguments(locals()))
 
 
 class KBFGS20(_KBFGSBase):
@@ -929,26 +897,7 @@ class KBFGS20(_KBFGSBase):
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
     ):
-        self._setup(
-            model,
-            lr=lr,
-            damping=damping,
-            momentum=momentum,
-            stat_decay=stat_decay,
-            weight_decay=weight_decay,
-            update_freq=update_freq,
-            history_size=None,
-            mu1=mu1,
-            pair_damping=pair_damping,
-            a_statistic=a_statistic,
-            a_inverse=a_inverse,
-            skip_rule=skip_rule,
-            double_grad=double_grad,
-            lr_decay_power=lr_decay_power,
-            momentum_style=momentum_style,
-            layers=layers,
-            exclude=exclude,
-        )
+        self._setup(**_arguments(locals()))
 
 
 class KBFGSL20(_KBFGSBase):
@@ -983,26 +932,7 @@ class KBFGSL20(_KBFGSBase):
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
     ):
-        self._setup(
-            model,
-            lr=lr,
-            damping=damping,
-            momentum=momentum,
-            stat_decay=stat_decay,
-            weight_decay=weight_decay,
-            update_freq=update_freq,
-            history_size=history_size,
-            mu1=mu1,
-            pair_damping=pair_damping,
-            a_statistic=a_statistic,
-            a_inverse=a_inverse,
-            skip_rule=skip_rule,
-            double_grad=double_grad,
-            lr_decay_power=lr_decay_power,
-            momentum_style=momentum_style,
-            layers=layers,
-            exclude=exclude,
-        )
+        self._setup(**_arguments(locals()))
 
 
 __all__ = [
