@@ -41,7 +41,7 @@ DETERMINISTIC = [
         "hf",
     )
     if n in so.implemented()
-]
+] + ["kbfgs+diagonal"]  # K-BFGS with a Linear left to the diagonal fallback
 
 #: chapter-5 methods: the curvature subsample S2 is the whole batch, so the union of the ranks'
 #: S2 is the one process's S2
@@ -49,6 +49,8 @@ LM_METHODS = {"smw-ng", "smw-ng-bd", "smw-gn", "hf"}
 
 
 def _hparams(name):
+    if name.endswith("+diagonal"):  # v from the all-reduced gradient and the global batch size
+        return dict(TEST_HP[name.split("+")[0]], exclude=["2"], fallback="diagonal")
     hp = dict(TEST_HP[name])
     if "kfac" in name:
         hp["inverse_freq"] = 1
@@ -58,7 +60,7 @@ def _hparams(name):
 
 
 def _train(name, model, batches, warm):
-    opt = so.make_optimizer(name, model, **_hparams(name))
+    opt = so.make_optimizer(name.split("+")[0], model, **_hparams(name))
     loss_fn = nn.CrossEntropyLoss()
     opt.warm_start([so.Closure(model, x, y, loss_fn) for x, y in warm])
     for x, y in batches:
@@ -137,6 +139,17 @@ def test_ddp_on_two_ranks_equals_one_process(name, tmp_path):
                 torch.testing.assert_close(
                     result["opt"]["module_state"][layer][key], value, rtol=1e-9, atol=1e-12
                 )
+    if name.endswith("+diagonal"):  # the naive diagonals of the two fallback tensors agree
+        diagonals = [
+            (i, st["fallback_diagonal"])
+            for i, st in state["param_state"].items()
+            if "fallback_diagonal" in st
+        ]
+        assert len(diagonals) == 2
+        for i, v in diagonals:
+            torch.testing.assert_close(
+                result["opt"]["param_state"][i]["fallback_diagonal"], v, rtol=1e-9, atol=1e-12
+            )
     if name in LM_METHODS:  # the LM rule saw the same rho on every step
         assert result["opt"]["extra"]["lm_damping"] == pytest.approx(opt.lm_damping, rel=1e-10)
 

@@ -132,7 +132,7 @@ from ..linalg import lbfgs as LB
 from ..linalg.finite import all_finite
 from . import hparams as H
 from .base import MomentumStyle, NonFiniteError
-from .kronecker import KroneckerFactoredOptimizer, LayerSpec
+from .kronecker import Fallback, KroneckerFactoredOptimizer, LayerSpec, fallback_scale
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +271,7 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
         momentum_style: str,
         layers: LayerSpec | Iterable[LayerSpec] | None,
         exclude: LayerSpec | Iterable[LayerSpec] | None,
+        fallback: str,
         history_size: int | None = None,
     ) -> None:
         mu1 = H.fraction("mu1", mu1)
@@ -299,8 +300,9 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
         if history_size is not None:
             defaults["history_size"] = H.count("history_size", history_size)
         self._check_dd_damping(defaults)
-        super().__init__(model, defaults, layers=layers, exclude=exclude)
+        super().__init__(model, defaults, layers=layers, exclude=exclude, fallback=fallback)
         self._logged: set[tuple[str, str]] = set()  # (layer, event) already logged once
+        self._pending_diagonals: dict[Tensor, Tensor] = {}  # fallback diagonals of the step
 
     @staticmethod
     def _check_dd_damping(g: dict[str, Any]) -> None:
@@ -402,7 +404,7 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
         with torch.no_grad():
             changed = [p for _, p in self.named_params() if p.grad is not None] if curvature else []
             backup = [(p, p.detach().clone()) for p in changed]
-            momenta = self._apply_step(g, lr)
+            momenta = self._apply_step(g, lr, fallback_scale(closure))
         if not curvature:
             self._commit(momenta, None)
             return loss
@@ -515,7 +517,7 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
             return LB.lbfgs_apply_t(LB.CompactLBFGS.from_state(st), xt).t()
         return torch.mm(xt, st["h_g"].t()).t()
 
-    def _apply_step(self, g: dict[str, Any], lr: float) -> dict[Tensor, Tensor]:
+    def _apply_step(self, g: dict[str, Any], lr: float, diag_scale: float) -> dict[Tensor, Tensor]:
         mu, style, wd = g["momentum"], g["momentum_style"], g["weight_decay"]
         momenta: dict[Tensor, Tensor] = {}
         for name, block in self.blocks.items():
@@ -535,18 +537,27 @@ class _KBFGSBase(KroneckerFactoredOptimizer):
             self._apply_update(tw, pw, lr, wd)
             if tb is not None and pb is not None:
                 self._apply_update(tb, pb, lr, wd)
-        # other parameters: momentum gradient with lr/lam (3.4.3) or lr (chapter 2)
+        # other parameters: the fallback; the thesis's rule is the momentum gradient with lr/lam
+        # (3.4.3) or lr (chapter 2). The new diagonals are committed with the momenta.
         scale = 1.0 / g["damping"] if self.chapter == 3 else 1.0
         by_name = dict(self.named_params())
+        self._pending_diagonals = {}
         for pname in self.other_params:
             p = by_name[pname]
             if p.grad is None:
                 continue
-            m = momenta[p] = self._new_momentum(p, self._gradient(p), mu, style)
-            self._apply_update(p, m * scale if scale != 1.0 else m, lr, wd)
+            grad = self._gradient(p)
+            v = self._fallback_diagonal(p, grad, diag_scale, g)
+            if v is not None:
+                self._pending_diagonals[p] = v
+            m = momenta[p] = self._new_momentum(p, grad, mu, style)
+            self._apply_update(p, self._fallback_direction(m, v, g["damping"], scale), lr, wd)
         return momenta
 
     def _commit(self, momenta: dict[Tensor, Tensor], pass2_grads: dict[Tensor, Tensor] | None) -> None:
+        for p, v in self._pending_diagonals.items():
+            self.state[p]["fallback_diagonal"] = v
+        self._pending_diagonals = {}
         if self.param_groups[0]["momentum"] != 0:
             for p, m in momenta.items():
                 self.state[p]["momentum_buffer"] = m
@@ -805,6 +816,9 @@ class KBFGS(_KBFGSBase):
         layers, exclude: which layers get Kronecker factors (module names, ``fnmatch`` patterns or
             types; default every layer a block models); see
             :class:`~secondorder.optim.kronecker.KroneckerFactoredOptimizer`.
+        fallback: what preconditions the tensors no block models: ``"momentum"`` (the thesis's
+            rule: the momentum gradient with ``lr/lam``; ``lr`` in chapter 2) or ``"diagonal"``
+            (``m / (v + lam)`` with the naive diagonal ``v``; :mod:`secondorder.optim.kronecker`).
     """
 
     method = "kbfgs"
@@ -828,6 +842,7 @@ class KBFGS(_KBFGSBase):
         momentum_style: str = MomentumStyle.ACCUMULATE.value,
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
+        fallback: str = Fallback.MOMENTUM.value,
     ):
         self._setup(**_arguments(locals()))
 
@@ -862,6 +877,7 @@ class KBFGSL(_KBFGSBase):
         momentum_style: str = MomentumStyle.ACCUMULATE.value,
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
+        fallback: str = Fallback.MOMENTUM.value,
     ):
         self._setup(**_arguments(locals()))
 
@@ -896,6 +912,7 @@ class KBFGS20(_KBFGSBase):
         momentum_style: str = MomentumStyle.AVERAGE.value,
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
+        fallback: str = Fallback.MOMENTUM.value,
     ):
         self._setup(**_arguments(locals()))
 
@@ -931,6 +948,7 @@ class KBFGSL20(_KBFGSBase):
         momentum_style: str = MomentumStyle.AVERAGE.value,
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
+        fallback: str = Fallback.MOMENTUM.value,
     ):
         self._setup(**_arguments(locals()))
 

@@ -18,8 +18,9 @@ pre-activation gradient (docs/notes.md §0):
 * step (lines 7-9): ``DW <- mu DW + DW_batch``, ``p = H_Gamma DW H_Omega``,
   ``W <- W - alpha (p + gamma W)`` (decoupled weight decay, 3.7.2).
 
-Parameters of layers KFAC does not model (BatchNorm, embeddings, ...) follow the momentum
-gradient with the same ``lr`` and weight decay (3.7.2).
+Parameters of layers KFAC does not model take the fallback (``fallback=``): the momentum gradient
+with the same ``lr`` and weight decay (3.7.2, the thesis's rule) or the diagonal preconditioner
+of :mod:`secondorder.optim.kronecker`.
 
 Implementation choices:
 
@@ -49,7 +50,7 @@ from ..capture import hooks as C
 from ..linalg import LinAlgError, damped_inverse, ema_gram_, gram, gram_, kron_apply, pi_split
 from . import hparams as H
 from .base import MomentumStyle
-from .kronecker import KroneckerFactoredOptimizer, LayerSpec
+from .kronecker import Fallback, KroneckerFactoredOptimizer, LayerSpec, fallback_scale
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,9 @@ class KFAC(KroneckerFactoredOptimizer):
         layers, exclude: which layers get Kronecker factors (module names, ``fnmatch`` patterns or
             types; default every layer a block models); see
             :class:`~secondorder.optim.kronecker.KroneckerFactoredOptimizer`.
+        fallback: what preconditions the tensors no block models: ``"momentum"`` (the thesis's
+            rule, the momentum gradient) or ``"diagonal"`` (``m / (v + lam)`` with the naive
+            diagonal ``v``; :mod:`secondorder.optim.kronecker`).
     """
 
     method = "kfac"
@@ -115,6 +119,7 @@ class KFAC(KroneckerFactoredOptimizer):
         weight_sharing: str = WeightSharing.EXPAND.value,
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
+        fallback: str = Fallback.MOMENTUM.value,
     ):
         defaults = dict(
             **H.shared(
@@ -130,7 +135,7 @@ class KFAC(KroneckerFactoredOptimizer):
             weight_sharing=H.choice("weight_sharing", weight_sharing, WeightSharing),
             momentum_style=H.choice("momentum_style", momentum_style, MomentumStyle),
         )
-        super().__init__(model, defaults, seed=seed, layers=layers, exclude=exclude)
+        super().__init__(model, defaults, seed=seed, layers=layers, exclude=exclude, fallback=fallback)
         mixed = [n for n, b in self.blocks.items() if not b.example_major]
         if defaults["weight_sharing"] == WeightSharing.REDUCE.value and mixed:
             raise ValueError(
@@ -258,7 +263,7 @@ class KFAC(KroneckerFactoredOptimizer):
                     self._accumulate_factors(batch_stats, g["stat_decay"])
                 if inverse_due:
                     self._update_inverses(g["damping"], g["pi"])
-            self._apply_step(g)
+            self._apply_step(g, fallback_scale(closure))
         return result.loss.detach()
 
     def _update_inverses(self, damping: float, pi_mode: str) -> None:
@@ -289,10 +294,10 @@ class KFAC(KroneckerFactoredOptimizer):
             {n: [st["omega_inv"], st["gamma_inv"]] for n, st in self.module_state.items()}, owners
         )
 
-    def _apply_step(self, g: dict[str, Any]) -> None:
+    def _apply_step(self, g: dict[str, Any], diag_scale: float) -> None:
         """Lines 7-9: momentum, ``p = H_Gamma DW H_Omega``, decoupled weight decay.
 
-        Parameters of layers without factors follow the momentum gradient.
+        Parameters of layers without factors take the fallback (momentum gradient or diagonal).
         """
         lr, wd, mu, style = g["lr"], g["weight_decay"], g["momentum"], g["momentum_style"]
         momenta: dict[Tensor, Tensor] = {}  # once per parameter (blocks may cover parts of one)
@@ -319,7 +324,11 @@ class KFAC(KroneckerFactoredOptimizer):
         for pname in self.other_params:
             p = by_name[pname]
             if p.grad is not None:
-                self._apply_update(p, self._momentum(p, p.grad, mu, style), lr, wd)
+                v = self._fallback_diagonal(p, p.grad, diag_scale, g)
+                if v is not None:
+                    self.state[p]["fallback_diagonal"] = v
+                m = self._momentum(p, p.grad, mu, style)
+                self._apply_update(p, self._fallback_direction(m, v, g["damping"], 1.0), lr, wd)
 
 
 class KFACEF(KFAC):

@@ -1,17 +1,27 @@
 """The base of the Kronecker-factored methods (KFAC, K-BFGS): which layers get a block.
 
 A Kronecker-factored optimizer preconditions the parameters of each layer that a
-:class:`~secondorder.capture.blocks.LayerBlock` models (built in: ``nn.Linear``, ``nn.Conv2d``;
-more through :func:`~secondorder.capture.blocks.register_layer`) and applies a fallback to every
-other trainable tensor (the thesis's rule: the momentum gradient, 3.4.3, 3.7.2). This base finds
-the blocks, applies the user's choice of layers (``layers=`` / ``exclude=``), holds the capture
-over their modules and the list of the other tensors, and reports the split
-(:meth:`KroneckerFactoredOptimizer.coverage`, :class:`UnmodeledParametersWarning`); each method
-module holds only its algorithm box.
+:class:`~secondorder.capture.blocks.LayerBlock` models (built in: Linear, Conv1d, Conv2d,
+Embedding, self-attention; more through :func:`~secondorder.capture.blocks.register_layer`) and
+applies a fallback to every other trainable tensor (``fallback=``):
+
+* ``"momentum"``: the thesis's rule (3.4.3, 3.7.2): the momentum gradient ``m`` with the same
+  learning rate (K-BFGS, chapter 3: ``lr/lambda``);
+* ``"diagonal"``: a per-tensor diagonal curvature, the "naive diagonal" of kfac-jax:
+  ``v <- beta v + (1 - beta) (sum_n g_n)^2 / M`` from the batch gradient (``M`` examples in the
+  global batch, ``g_n`` the per-example gradients; ``beta`` = ``stat_decay``; the first batch
+  initialises ``v``), and the direction ``m / (v + lambda)`` with the method's damping ``lambda``.
+  Where ``v`` is 0 this is K-BFGS's chapter-3 rule ``m / lambda``.
+
+This base finds the blocks, applies the user's choice of layers (``layers=`` / ``exclude=``), holds
+the capture over their modules and the list of the other tensors, computes the fallback and reports
+the split (:meth:`KroneckerFactoredOptimizer.coverage`, :class:`UnmodeledParametersWarning`); each
+method module holds only its algorithm box.
 """
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import logging
 import os
@@ -20,9 +30,11 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from ..capture import Capture, LayerBlock, layer_blocks, unmodeled_modules
+from .. import distributed as D
+from ..capture import Capture, Closure, LayerBlock, layer_blocks, unmodeled_modules
+from . import hparams as H
 from .base import SecondOrderOptimizer
 
 logger = logging.getLogger(__name__)
@@ -30,12 +42,28 @@ logger = logging.getLogger(__name__)
 #: a module name or ``fnmatch`` pattern of names (``"encoder.*"``), or an ``nn.Module`` type
 LayerSpec = str | type[nn.Module]
 
+
+class Fallback(str, enum.Enum):
+    """What preconditions a trainable tensor that no block models (module docstring)."""
+
+    MOMENTUM = "momentum"  # the thesis's rule, 3.4.3 / 3.7.2
+    DIAGONAL = "diagonal"  # m / (v + lambda), v the moving average of the naive diagonal
+
+
 #: what :meth:`KroneckerFactoredOptimizer.coverage` reports for a tensor without a block
 FALLBACK = "fallback: momentum gradient"
+FALLBACK_DIAGONAL = "fallback: diagonal"
+_COVERAGE = {Fallback.MOMENTUM.value: FALLBACK, Fallback.DIAGONAL.value: FALLBACK_DIAGONAL}
 
 
 class UnmodeledParametersWarning(UserWarning):
-    """Some trainable tensors have no layer block and follow the fallback (the momentum gradient)."""
+    """Some trainable tensors have no layer block and follow the fallback (``fallback=``)."""
+
+
+def fallback_scale(closure: Closure) -> float:
+    """``c`` with ``(sum_n g_n)^2 / M = c * grad^2`` for the averaged batch gradient ``grad``:
+    ``sum_n g_n = batch_factor * W * grad`` over ``W`` ranks of ``m`` examples, ``M = W m``."""
+    return closure.batch_factor**2 * D.world_size() / closure.batch_size
 
 
 def _specs(arg: str, value: LayerSpec | Iterable[LayerSpec] | None) -> tuple[LayerSpec, ...] | None:
@@ -70,6 +98,8 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         layers: model only these layers: module names, ``fnmatch`` patterns of names
             (``"blocks.*.mlp.*"``) or ``nn.Module`` types. Default: every layer a block models.
         exclude: leave these layers (same forms) to the fallback.
+        fallback: ``"momentum"`` (the thesis's rule) or ``"diagonal"`` for the tensors no block
+            models (module docstring).
 
     Attributes:
         blocks: module name -> its layer block.
@@ -90,7 +120,9 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         seed: int | None = None,
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
+        fallback: str = Fallback.MOMENTUM.value,
     ):
+        defaults = dict(defaults, fallback=H.choice("fallback", fallback, Fallback))
         super().__init__(model, defaults, seed=seed)
         self.blocks = self._choose_blocks(
             layer_blocks(self.module), _specs("layers", layers), _specs("exclude", exclude)
@@ -100,11 +132,12 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         modeled = {id(p) for b in self.blocks.values() for p in b.parameters()}
         self.other_params = [n for n, p in self.named_params() if id(p) not in modeled]
         logger.info(
-            "%s models %d layers (%s); %d other parameter tensors follow the momentum gradient",
+            "%s models %d layers (%s); %d other parameter tensors take the %s fallback",
             self.method,
             len(self.layers),
             ", ".join(self.layers),
             len(self.other_params),
+            defaults["fallback"],
         )
         if self.other_params:
             self._warn_unmodeled()
@@ -151,8 +184,8 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         warnings.warn(
             f"{self.method}: {len(self.other_params)} of {len(by_name)} trainable tensors "
             f"({left / total:.1%} of the parameters) get no Kronecker factors (no layer block, or "
-            f"excluded) and follow the momentum gradient ({shown}); opt.coverage() lists every "
-            "tensor, so.register_layer adds a block",
+            f"excluded) and take the {self.param_groups[0]['fallback']!r} fallback ({shown}); "
+            "opt.coverage() lists every tensor, so.register_layer adds a block",
             UnmodeledParametersWarning,
             stacklevel=_caller_level(),
         )
@@ -163,10 +196,10 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         return list(self.layers)
 
     def coverage(self) -> dict[str, str]:
-        """Per trainable tensor (by name), what preconditions it: ``"<Block>('<module>')"`` or
-        :data:`FALLBACK`."""
+        """Per trainable tensor (by name), what preconditions it: ``"<Block>('<module>')"``, or
+        :data:`FALLBACK` / :data:`FALLBACK_DIAGONAL` (both start with ``"fallback"``)."""
         names = {id(p): n for n, p in self.named_params()}
-        out = {n: FALLBACK for n in names.values()}
+        out = {n: _COVERAGE[self.param_groups[0]["fallback"]] for n in names.values()}
         parts: dict[str, list[str]] = {}
         for mname, b in self.blocks.items():
             for p in b.parameters():
@@ -175,3 +208,20 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
                     block_names = ", ".join(f"'{n}'" for n in parts[names[id(p)]])
                     out[names[id(p)]] = f"{type(b).__name__}({block_names})"
         return out
+
+    # ------------------------------------------------------------------ the fallback
+    def _fallback_diagonal(self, p: Tensor, grad: Tensor, scale: float, g: dict[str, Any]) -> Tensor | None:
+        """The new naive diagonal ``v`` of ``p`` (not stored: the caller commits it to
+        ``state[p]["fallback_diagonal"]``), or ``None`` under the momentum rule."""
+        if g["fallback"] != Fallback.DIAGONAL.value:
+            return None
+        batch = grad.square().mul_(scale)
+        old = self.state[p].get("fallback_diagonal")
+        return batch if old is None else old * g["stat_decay"] + batch * (1.0 - g["stat_decay"])
+
+    @staticmethod
+    def _fallback_direction(m: Tensor, v: Tensor | None, damping: float, momentum_scale: float) -> Tensor:
+        """``m / (v + lambda)`` (diagonal) or ``momentum_scale * m`` (the thesis's rule)."""
+        if v is None:
+            return m * momentum_scale if momentum_scale != 1.0 else m
+        return m / (v + damping)
