@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import secondorder as so
 from secondorder.bench import curves as CV
 from secondorder.bench import problems as P
 from secondorder.bench import runner as R
@@ -78,6 +79,28 @@ def test_unavailable_method_message() -> None:
     model = nn.Linear(2, 2)
     with pytest.raises(R.MethodUnavailable, match="hyper-parameters rejected.*unknown hyper-parameter"):
         R.build_optimizer("sgd", model, {"lr": 0.1, "bogus": 1})
+
+
+@pytest.mark.parametrize("method", ["kfac", "kfac-ef", "kbfgs", "kbfgsl20"])
+def test_thesis_presets_leave_batchnorm_to_the_momentum_gradient(method: str) -> None:
+    """The thesis's rule (3.4.3, 3.7.2) on its problems; charlm runs the library's defaults."""
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    opt = R.build_optimizer(method, model, {"lr": 0.1})
+    assert opt.param_groups[0]["fallback"] == "momentum"
+    assert opt.modeled_modules == ["0", "3"]
+    assert opt.coverage()["1.weight"] == "fallback: momentum gradient"
+    default = R.build_optimizer(method, model, {"lr": 0.1}, thesis=False)
+    assert (
+        default.param_groups[0]["fallback"]
+        == so.make_optimizer(method, nn.Linear(2, 2)).param_groups[0]["fallback"]
+    )
+    if method.startswith("kfac"):
+        assert "1" in default.modeled_modules
+    mine = R.build_optimizer(
+        method, model, {"lr": 0.1, "fallback": "diagonal"}
+    )  # the preset's own value wins
+    assert mine.param_groups[0]["fallback"] == "diagonal"
+    assert R.build_optimizer("adam", model, {"lr": 0.1}).param_groups[0].get("fallback") is None
 
 
 def test_cnn_schedule_and_augmentation() -> None:

@@ -58,8 +58,13 @@ def test_coverage_names_the_block_or_the_fallback_of_every_tensor(key):
     assert cov["0.weight"] == cov["0.bias"] == "Conv2dBlock('0')"
     assert cov["3.weight"] == "Conv2dBlock('3')"
     assert cov["7.weight"] == cov["7.bias"] == "LinearBlock('7')"
-    assert {cov[n] for n in ("1.weight", "1.bias", "4.weight", "4.bias")} == {FALLBACK}
-    assert sorted(opt.other_params) == ["1.bias", "1.weight", "4.bias", "4.weight"]
+    bn = ("1.weight", "1.bias", "4.weight", "4.bias")
+    if key.startswith("kfac"):  # KFAC models BatchNorm's scale and shift; K-BFGS does not
+        assert [cov[n] for n in bn] == ["BatchNormBlock('1')"] * 2 + ["BatchNormBlock('4')"] * 2
+        assert opt.other_params == []
+    else:
+        assert {cov[n] for n in bn} == {FALLBACK}
+        assert sorted(opt.other_params) == ["1.bias", "1.weight", "4.bias", "4.weight"]
 
 
 @pytest.mark.parametrize("key", ["kfac", "kbfgs"])
@@ -67,7 +72,8 @@ def test_the_fallback_warns_with_the_share_and_the_names(key):
     with pytest.warns(
         UnmodeledParametersWarning, match=r"2 of 6 trainable tensors \(15\.7% .*1\.weight, 1\.bias"
     ) as rec:
-        so.make_optimizer(key, ln_mlp())
+        # K-BFGS has no block for LayerNorm; KFAC has one, excluded here
+        so.make_optimizer(key, ln_mlp(), **({"exclude": [nn.LayerNorm]} if key == "kfac" else {}))
     assert rec[0].filename == __file__  # points at the caller, not into the library
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -77,11 +83,14 @@ def test_the_fallback_warns_with_the_share_and_the_names(key):
 @pytest.mark.parametrize("key", ["kfac", "kbfgsl20"])
 def test_layers_and_exclude_by_name_pattern_and_type(key):
     model = tiny_conv_bn()
-    assert build(key, model, exclude="7").modeled_modules == ["0", "3"]
-    assert build(key, model, exclude=[nn.Conv2d]).modeled_modules == ["7"]
+    bn = ["1", "4"] if key == "kfac" else []  # KFAC models BatchNorm too
+    assert build(key, model, exclude="7").modeled_modules == sorted(["0", "3"] + bn)
+    assert build(key, model, exclude=[nn.Conv2d]).modeled_modules == sorted(bn + ["7"])
+    if bn:
+        assert build(key, model, exclude=[nn.Conv2d, nn.BatchNorm2d]).modeled_modules == ["7"]
     assert build(key, model, layers=["[03]"]).modeled_modules == ["0", "3"]
     assert build(key, model, layers=nn.Linear).modeled_modules == ["7"]
-    assert build(key, model, layers=["*"], exclude=["0"]).modeled_modules == ["3", "7"]
+    assert build(key, model, layers=["*"], exclude=["0"]).modeled_modules == sorted(["3", "7"] + bn)
     cov = build(key, model, exclude="7").coverage()
     assert cov["7.weight"] == cov["7.bias"] == FALLBACK
 
@@ -91,8 +100,9 @@ def test_bad_layer_choices_raise_value_errors_naming_the_argument(key):
     model = tiny_conv_bn()
     with pytest.raises(ValueError, match=r"exclude: expected module names.*got 3"):
         so.make_optimizer(key, model, exclude=[3])
+    blocks = "0, 1, 3, 4, 7" if key == "kfac" else "0, 3, 7"
     with pytest.raises(
-        ValueError, match=r"layers: 'nope' matches no layer .*\(layers with a block: 0, 3, 7\)"
+        ValueError, match=rf"layers: 'nope' matches no layer .*\(layers with a block: {blocks}\)"
     ):
         so.make_optimizer(key, model, layers=["nope"])
     with pytest.raises(ValueError, match="exclude: <class 'torch.nn.modules.rnn.LSTM'> matches no layer"):
@@ -133,10 +143,9 @@ def test_unmodeled_modules_give_reasons():
     why = C.unmodeled_modules(model)
     assert why == {
         "1": "Conv2d with padding (1, 1) with padding_mode='circular' is not supported by Conv2dBlock",
-        "2": "no layer block for BatchNorm2d",
         "5": "Linear with a frozen weight",
     }
-    assert list(C.layer_blocks(model)) == ["0[0]", "0[1]", "3", "4", "4.out_proj"]
+    assert list(C.layer_blocks(model)) == ["0[0]", "0[1]", "2", "3", "4", "4.out_proj"]
 
 
 def test_an_excluded_layer_follows_the_momentum_gradient():
@@ -156,24 +165,24 @@ def test_an_excluded_layer_follows_the_momentum_gradient():
 @pytest.mark.parametrize("key", KRONECKER)
 def test_a_transformer_is_modeled_but_for_its_norms(key):
     """nn.MultiheadAttention's projections are captured where they enter F.linear (they raised
-    HookNeverFiredError); the embedding and the feed-forward layers have blocks too."""
+    HookNeverFiredError); the embedding and the feed-forward layers have blocks too, and under
+    KFAC the LayerNorms."""
     model = TinyLM().double()
     x, y = lm_data()
     opt = build(key, model, **({"lr": 0.01} if "kbfgs" in key else {}))
-    assert opt.modeled_modules == [
-        "emb",
-        "enc.self_attn",
-        "enc.self_attn.out_proj",
-        "enc.linear1",
-        "enc.linear2",
-        "head",
-    ]
-    assert sorted(n for n, what in opt.coverage().items() if what == FALLBACK) == [
-        "enc.norm1.bias",
-        "enc.norm1.weight",
-        "enc.norm2.bias",
-        "enc.norm2.weight",
-    ]
+    norms = ["enc.norm1", "enc.norm2"]
+    modeled = ["emb", "enc.self_attn", "enc.self_attn.out_proj", "enc.linear1", "enc.linear2"]
+    if key.startswith("kfac"):  # KFAC models the LayerNorms' scale and shift too
+        assert opt.modeled_modules == modeled + norms + ["head"]
+        assert not any(what.startswith("fallback") for what in opt.coverage().values())
+    else:
+        assert opt.modeled_modules == modeled + ["head"]
+        assert sorted(n for n, what in opt.coverage().items() if what == FALLBACK) == [
+            "enc.norm1.bias",
+            "enc.norm1.weight",
+            "enc.norm2.bias",
+            "enc.norm2.weight",
+        ]
     losses = [float(opt.step(so.Closure(model, x, y, nn.CrossEntropyLoss()))) for _ in range(15)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]

@@ -225,7 +225,10 @@ class Benchmark:
                 if (why := P.unsupported(self.problem, row.method)) is not None:
                     raise MethodUnavailable(why)
                 build_optimizer(
-                    row.method, model, row.grid_points()[0] if self.config.hp_mode == "grid" else row.hp
+                    row.method,
+                    model,
+                    row.grid_points()[0] if self.config.hp_mode == "grid" else row.hp,
+                    thesis=self.problem.kind != "lm",
                 )
             except MethodUnavailable as err:
                 if self.config.labels:

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import Closure
+from ..capture import Closure, layer_blocks
 from ..optim import NonFiniteError, SecondOrderOptimizer, make_optimizer, optimizer_class
-from ..optim.kronecker import UnmodeledParametersWarning
+from ..optim.kronecker import KroneckerFactoredOptimizer, UnmodeledParametersWarning
 from . import problems as P
 from .presets import FIRST_ORDER
 from .store import run_key
@@ -164,16 +164,39 @@ def thesis_epochs(problem: P.Problem, method: str) -> int | None:
     return problem.epochs
 
 
-def build_optimizer(method: str, model: nn.Module, hp: dict[str, Any]) -> SecondOrderOptimizer:
-    """``so.make_optimizer`` with the two expected failures turned into :class:`MethodUnavailable`."""
+def thesis_rules(cls: type[SecondOrderOptimizer], model: nn.Module, hp: dict[str, Any]) -> dict[str, Any]:
+    """``hp`` with the thesis's treatment of the tensors KFAC / K-BFGS give no Kronecker factors:
+    the momentum gradient (3.4.3, 3.7.2; ``fallback="momentum"``), normalisation layers included
+    (KFAC would otherwise model their scale and shift). What ``hp`` sets itself wins."""
+    if not issubclass(cls, KroneckerFactoredOptimizer):
+        return hp
+    out = dict(hp)
+    out.setdefault("fallback", "momentum")
+    if "channel" in cls.block_kinds and "exclude" not in out and "layers" not in out:
+        norms = {type(b.module) for b in layer_blocks(model).values() if b.curvature == "channel"}
+        if norms:
+            out["exclude"] = sorted(norms, key=lambda t: t.__name__)
+    return out
+
+
+def build_optimizer(
+    method: str, model: nn.Module, hp: dict[str, Any], *, thesis: bool = True
+) -> SecondOrderOptimizer:
+    """``so.make_optimizer`` with the two expected failures turned into :class:`MethodUnavailable`.
+
+    ``thesis``: apply :func:`thesis_rules` (every thesis problem; not ``charlm``, which runs the
+    library's defaults).
+    """
     try:
-        optimizer_class(method)
+        cls = optimizer_class(method)
     except NotImplementedError:
         raise MethodUnavailable(f"{method}: not implemented yet in this version of secondorder") from None
+    if thesis:
+        hp = thesis_rules(cls, model, hp)
     try:
         with warnings.catch_warnings():
-            # the presets run the thesis's rule for what KFAC / K-BFGS do not model (BatchNorm:
-            # the momentum gradient, 3.4.3 / 3.7.2) on purpose
+            # the thesis presets leave what KFAC / K-BFGS do not model to the momentum gradient on
+            # purpose (thesis_rules); charlm's defaults take the diagonal fallback
             warnings.simplefilter("ignore", UnmodeledParametersWarning)
             return make_optimizer(method, model, **hp)
     except ValueError as err:
@@ -221,7 +244,7 @@ def train(
         loss_fn, likelihood = P.make_loss(problem, model, spec.l2)
         if (why := P.unsupported(problem, spec.method)) is not None:
             raise MethodUnavailable(why)
-        opt = build_optimizer(spec.method, model, spec.hp)
+        opt = build_optimizer(spec.method, model, spec.hp, thesis=problem.kind != "lm")
         return _train(spec, problem, data, model, loss_fn, likelihood, opt, on_epoch)
 
 

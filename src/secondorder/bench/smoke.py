@@ -230,7 +230,7 @@ def run(
         torch.manual_seed(seed)
         model = prob.build(data.num_classes)
         loss_fn, likelihood = P.make_loss(prob, model, row.l2)
-        opt = R.build_optimizer(row.method, model, row.hp)
+        opt = R.build_optimizer(row.method, model, row.hp, thesis=prob.kind != "lm")
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(data.x_train), generator=gen)
 

@@ -36,13 +36,18 @@ from ..linalg import bfgs as B
 from ..linalg.kron import gram, gram_
 
 __all__ = [
+    "BatchNormBlock",
     "Conv1dBlock",
     "Conv2dBlock",
     "Conv2dGroupBlock",
     "EmbeddingBlock",
+    "GroupNormBlock",
     "LayerBlock",
+    "LayerNormBlock",
     "LinearBlock",
     "MultiheadAttentionBlock",
+    "RMSNormBlock",
+    "ScaleShiftBlock",
     "block_for",
     "block_type_for",
     "conv_kwargs",
@@ -99,6 +104,10 @@ class LayerBlock:
     #: whether the rows of :meth:`input_rows` / :meth:`output_rows` run example by example (all
     #: locations of example 0 first); statistics that group rows by example need it
     example_major: bool = True
+    #: the form of the curvature this block offers: ``"kronecker"`` (the ``h_t = W abar_t`` view
+    #: of this class) or ``"channel"`` (:class:`ScaleShiftBlock`); each method says which forms
+    #: it uses (``KroneckerFactoredOptimizer.block_kinds``)
+    curvature: str = "kronecker"
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -566,6 +575,130 @@ class MultiheadAttentionBlock(LayerBlock):
         return h.numel() // ((h.shape[1] if batch_size is None else batch_size) * self.output_dim)
 
 
+class ScaleShiftBlock(LayerBlock):
+    """The affine parameters of a normalisation layer: ``y = gamma * xhat + beta`` per channel ``c``.
+
+    Not a Kronecker view (:attr:`curvature` ``"channel"``): each channel's ``(gamma_c, beta_c)``
+    (or ``gamma_c`` alone without a bias) gets its own dense ``k x k`` block (``k`` = 2 or 1) of the
+    Fisher, built from the exact per-row gradients ``u = dL/dy_c * [xhat_c, 1]`` that
+    :meth:`gradient_rows` returns: one row per example and location (``expand``) or per example
+    (``reduce``, the sum over its locations). A subclass says how the input is normalised
+    (:meth:`normalized`) and where the channels sit (:meth:`channel_rows`).
+    """
+
+    curvature = "channel"
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        if getattr(module, "weight", None) is None:
+            return "no affine parameters"
+        return None
+
+    @property
+    def channels(self) -> int:
+        """``C``: the number of ``(gamma_c, beta_c)`` pairs."""
+        return self.weight.numel()
+
+    @property
+    def input_dim(self) -> int:
+        return 2 if self.has_bias else 1
+
+    @property
+    def output_dim(self) -> int:
+        return self.channels
+
+    def normalized(self, a: Tensor) -> Tensor:
+        """``xhat``: the layer input normalised as in the forward pass, before the affine map."""
+        raise NotImplementedError(f"{type(self).__name__} must define normalized")
+
+    def channel_rows(self, t: Tensor) -> Tensor:
+        """``t`` (shaped like the input) as ``(rows, C)``: one row per example and location,
+        example-major when :attr:`example_major`."""
+        return t.movedim(1, -1).reshape(-1, self.channels)  # (m, C, *) -> (m |T|, C)
+
+    def gradient_rows(
+        self, a: Tensor, dh: Tensor, batch_size: int | None = None, per_example: bool = False
+    ) -> Tensor:
+        """``(rows, C, k)``: the gradient of the loss with respect to ``(gamma_c, beta_c)`` from each
+        row (example and location), or from each example (``per_example``: summed over its
+        locations, which needs example-major rows and the batch size)."""
+        xhat = self.channel_rows(self.normalized(a).to(dh.dtype))
+        dy = self.channel_rows(dh)
+        u = torch.stack([dy * xhat, dy] if self.has_bias else [dy * xhat], dim=-1)
+        if per_example:
+            m = u.shape[0] if batch_size is None else batch_size
+            u = u.view(m, -1, *u.shape[1:]).sum(1)
+        return u
+
+    def num_locations(self, h: Tensor, batch_size: int | None = None) -> int:
+        return h.numel() // ((h.shape[0] if batch_size is None else batch_size) * self.channels)
+
+    def grad_matrix(self, weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
+        """``(C, k)``: ``[dgamma_c, dbeta_c]`` per channel."""
+        cols = [weight_grad.reshape(-1)] + ([bias_grad.reshape(-1)] if bias_grad is not None else [])
+        return torch.stack(cols, dim=1)
+
+    def split_matrix(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
+        w, b = self.weight, self.bias
+        return mat[:, 0].reshape(w.shape), (mat[:, 1].reshape(b.shape) if b is not None else None)
+
+
+class BatchNormBlock(ScaleShiftBlock):
+    """``nn.BatchNorm1d/2d/3d``: ``xhat`` from the batch's statistics in training mode (the running
+    ones in eval mode); channels on dimension 1. ``nn.SyncBatchNorm`` normalises with statistics of
+    all ranks, which the captured local input cannot reproduce: not modeled."""
+
+    module: nn.modules.batchnorm._BatchNorm
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        if isinstance(module, nn.SyncBatchNorm):
+            return "statistics synchronised across ranks"
+        return super().unsupported(module)
+
+    def normalized(self, a: Tensor) -> Tensor:
+        bn = self.module
+        batch = bn.training or bn.running_mean is None
+        return F.batch_norm(
+            a,
+            None if batch else bn.running_mean,
+            None if batch else bn.running_var,
+            training=batch,
+            momentum=0.0,
+            eps=bn.eps,
+        )
+
+
+class GroupNormBlock(ScaleShiftBlock):
+    """``nn.GroupNorm``: ``xhat`` per example and group; channels on dimension 1."""
+
+    module: nn.GroupNorm
+
+    def normalized(self, a: Tensor) -> Tensor:
+        return F.group_norm(a, self.module.num_groups, eps=self.module.eps)
+
+
+class LayerNormBlock(ScaleShiftBlock):
+    """``nn.LayerNorm`` (and ``nn.RMSNorm``): ``xhat`` per row over ``normalized_shape``, whose
+    ``numel`` entries are the channels; all leading dimensions are rows (batch first, then the
+    locations, unless :attr:`example_major` says otherwise)."""
+
+    module: nn.LayerNorm
+
+    def normalized(self, a: Tensor) -> Tensor:
+        return F.layer_norm(a, self.module.normalized_shape, eps=self.module.eps)
+
+    def channel_rows(self, t: Tensor) -> Tensor:
+        return t.reshape(-1, self.channels)
+
+
+class RMSNormBlock(LayerNormBlock):
+    """``nn.RMSNorm``: ``xhat = x / rms(x)`` over ``normalized_shape``; a scale only."""
+
+    def normalized(self, a: Tensor) -> Tensor:
+        return F.rms_norm(a, self.module.normalized_shape, eps=self.module.eps)
+
+
 # ---------------------------------------------------------------------- the registry
 _REGISTRY: dict[type[nn.Module], type[LayerBlock]] = {}
 _BUILT_IN: dict[type[nn.Module], type[LayerBlock]] = {
@@ -574,6 +707,10 @@ _BUILT_IN: dict[type[nn.Module], type[LayerBlock]] = {
     nn.Conv2d: Conv2dBlock,
     nn.Embedding: EmbeddingBlock,
     nn.MultiheadAttention: MultiheadAttentionBlock,
+    nn.modules.batchnorm._BatchNorm: BatchNormBlock,
+    nn.GroupNorm: GroupNormBlock,
+    nn.LayerNorm: LayerNormBlock,
+    nn.RMSNorm: RMSNormBlock,
 }
 _REGISTRY.update(_BUILT_IN)
 
@@ -600,7 +737,9 @@ def register_layer(
     def add(cls: BlockT) -> BlockT:
         if not (isinstance(cls, type) and issubclass(cls, LayerBlock)):
             raise ValueError(f"block must be a LayerBlock subclass, got {cls!r}")
-        missing = [m for m in ("input_rows", "output_rows") if getattr(cls, m) is getattr(LayerBlock, m)]
+        needed = ("normalized",) if cls.curvature == "channel" else ("input_rows", "output_rows")
+        base = ScaleShiftBlock if cls.curvature == "channel" else LayerBlock
+        missing = [m for m in needed if getattr(cls, m) is getattr(base, m)]
         if missing:
             raise ValueError(f"block {cls.__name__} must define {' and '.join(missing)}")
         _REGISTRY[module_type] = cls

@@ -103,15 +103,31 @@ def _parent_blocks(model: nn.Module) -> tuple[dict[str, str], dict[str, LayerBlo
     return children, parents
 
 
+def _sequence_first(model: nn.Module) -> set[str]:
+    """Modules inside an ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` built with
+    ``batch_first=False``: their inputs are ``(L, N, E)``, so their rows are position-major."""
+    out: set[str] = set()
+    for name, m in model.named_modules():
+        if (
+            isinstance(m, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer)
+            and not m.self_attn.batch_first
+        ):
+            out.update(child for child, _ in m.named_modules(prefix=name) if child != name)
+    return out
+
+
 def layer_blocks(model: nn.Module) -> dict[str, LayerBlock]:
     """The layer block of every module of ``model`` (unwrapped) that one models, by module name.
 
     Modules whose weight is frozen (``requires_grad=False``) are left out, and so are the
     children of a :data:`FUNCTIONAL_PARENTS` module that has no block (see
-    :func:`unmodeled_modules`); the children of one that has are captured functionally.
+    :func:`unmodeled_modules`); the children of one that has are captured functionally. Blocks
+    inside a sequence-first transformer layer are marked position-major
+    (``LayerBlock.example_major``).
     """
     model = unwrap(model)
     children, parents = _parent_blocks(model)
+    seq_first = _sequence_first(model)
     found: dict[str, LayerBlock] = {}
     for name, module in model.named_modules():
         if name in parents:
@@ -124,6 +140,8 @@ def layer_blocks(model: nn.Module) -> dict[str, LayerBlock]:
         else:
             b = block_for(module)
         if b is not None and b.weight.requires_grad:
+            if name in seq_first and name not in parents:  # attention transposes its rows itself
+                b.example_major = False
             for part in b.split():
                 found[name + part.part] = part
     return found

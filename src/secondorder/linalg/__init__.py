@@ -2,7 +2,17 @@
 
 from . import bfgs, lbfgs
 from .cg import CGResult, conjugate_gradient
-from .kron import LinAlgError, damped_eigh, damped_inverse, ema_gram_, gram, gram_, kron_apply, pi_split
+from .kron import (
+    LinAlgError,
+    damped_eigh,
+    damped_inverse,
+    damped_inverses,
+    ema_gram_,
+    gram,
+    gram_,
+    kron_apply,
+    pi_split,
+)
 from .roots import coupled_newton_inverse_root, eigh_inverse_root, inverse_root
 from .smw import block_diagonal, kron_gram, kron_jvp, kron_vjp, smw_apply, smw_weights, smw_weights_singular
 from .tensor import add_multi_mode_product_, contractions, multi_mode_product, tensor_normal_factors
@@ -23,6 +33,7 @@ __all__ = [
     "conjugate_gradient",
     "damped_eigh",
     "damped_inverse",
+    "damped_inverses",
     "ema_gram_",
     "gram",
     "gram_",

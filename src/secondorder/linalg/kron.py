@@ -163,6 +163,31 @@ def damped_inverse(m: Tensor, damping: float) -> Tensor:
     return inv
 
 
+def damped_inverses(m: Tensor, damping: float) -> Tensor:
+    """``(M_c + damping I)^-1`` for a batch ``(C, k, k)`` of small symmetric PSD blocks.
+
+    Batched Cholesky; blocks where it fails are inverted through their eigendecomposition with the
+    eigenvalues clamped at ``damping`` (as :func:`damped_inverse`).
+
+    Raises:
+        LinAlgError: non-finite blocks, or a non-finite inverse.
+    """
+    if not finite(m):
+        raise LinAlgError("blocks have non-finite entries")
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    damped = m + damping * eye
+    chol, info = torch.linalg.cholesky_ex(damped)
+    if bool((info == 0).all()):
+        inv = torch.cholesky_inverse(chol)
+    else:
+        evals, evecs = torch.linalg.eigh(0.5 * (damped + damped.transpose(-1, -2)))
+        evals = evals.clamp_min(damping)
+        inv = (evecs / evals.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+    if not finite(inv):
+        raise LinAlgError(f"inverse of {m.shape[0]} blocks of {m.shape[-1]}x{m.shape[-1]} is not finite")
+    return inv
+
+
 def pi_split(omega: Tensor, gamma: Tensor) -> float:
     """``pi = sqrt((tr(Omega)/d_Omega) / (tr(Gamma)/d_Gamma))`` (Algorithm 12, line 19).
 

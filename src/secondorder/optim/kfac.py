@@ -47,7 +47,16 @@ from torch import Tensor, nn
 from .. import distributed as D
 from ..capture import Closure, preserved_norm_buffers
 from ..capture import hooks as C
-from ..linalg import LinAlgError, damped_inverse, ema_gram_, gram, gram_, kron_apply, pi_split
+from ..linalg import (
+    LinAlgError,
+    damped_inverse,
+    damped_inverses,
+    ema_gram_,
+    gram,
+    gram_,
+    kron_apply,
+    pi_split,
+)
 from . import hparams as H
 from .base import MomentumStyle
 from .kronecker import Fallback, KroneckerFactoredOptimizer, LayerSpec, fallback_scale
@@ -102,6 +111,8 @@ class KFAC(KroneckerFactoredOptimizer):
     method = "kfac"
     #: sampled targets (Fisher) or true targets (empirical Fisher)
     sampled_fisher = True
+    #: Kronecker blocks, and the per-channel blocks of normalisation layers' scale and shift
+    block_kinds = frozenset({"kronecker", "channel"})
 
     def __init__(
         self,
@@ -136,6 +147,8 @@ class KFAC(KroneckerFactoredOptimizer):
             momentum_style=H.choice("momentum_style", momentum_style, MomentumStyle),
         )
         super().__init__(model, defaults, seed=seed, layers=layers, exclude=exclude, fallback=fallback)
+        self.kron_blocks = {n: b for n, b in self.blocks.items() if b.curvature == "kronecker"}
+        self.channel_blocks = {n: b for n, b in self.blocks.items() if b.curvature == "channel"}
         mixed = [n for n, b in self.blocks.items() if not b.example_major]
         if defaults["weight_sharing"] == WeightSharing.REDUCE.value and mixed:
             raise ValueError(
@@ -158,7 +171,7 @@ class KFAC(KroneckerFactoredOptimizer):
         factor = closure.batch_factor  # g_n = factor * dL/dh_n
         reduce = self.param_groups[0]["weight_sharing"] == WeightSharing.REDUCE.value
         out: dict[str, tuple[Tensor, float, Tensor, float]] = {}
-        for name, block in self.blocks.items():
+        for name, block in self.kron_blocks.items():
             rec, dh = recs[name], grads[name]
             if dh is None or rec.inputs is None:
                 raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
@@ -173,7 +186,28 @@ class KFAC(KroneckerFactoredOptimizer):
         self._check_tensors("curvature statistics", [x for rows in out.values() for x in (rows[0], rows[2])])
         return out
 
-    def _accumulate_factors(self, rows: dict[str, tuple[Tensor, float, Tensor, float]], beta: float) -> None:
+    def _channel_fishers(
+        self, closure: Closure, recs: dict[str, C.LayerRecord], grads: dict[str, Tensor | None]
+    ) -> dict[str, Tensor]:
+        """Per scale-and-shift block, ``F_c = (1/m) sum_r u_{r,c} u_{r,c}^T`` (``(C, k, k)``) with
+        ``u = factor * dL/d(gamma_c, beta_c)`` of each row ``r``: each example and location
+        (``expand``), or each example (``reduce``: its exact per-example Fisher block)."""
+        m = closure.batch_size
+        factor = closure.batch_factor
+        reduce = self.param_groups[0]["weight_sharing"] == WeightSharing.REDUCE.value
+        out: dict[str, Tensor] = {}
+        for name, block in self.channel_blocks.items():
+            rec, dh = recs[name], grads[name]
+            if dh is None or rec.inputs is None:
+                raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
+            u = block.gradient_rows(rec.inputs, dh, m, per_example=reduce)  # type: ignore[attr-defined]
+            out[name] = torch.einsum("rci,rcj->cij", u, u).mul_(factor * factor / m)
+        self._check_tensors("curvature statistics", out.values())
+        return out
+
+    def _accumulate_factors(
+        self, rows: dict[str, tuple[Tensor, float, Tensor, float]], fishers: dict[str, Tensor], beta: float
+    ) -> None:
         """``X <- beta X + (1 - beta) X_batch`` in place (one GEMM per factor); first use initialises."""
         for name, (a, sa, g, sg) in rows.items():
             st = self.module_state.setdefault(name, {})
@@ -183,8 +217,17 @@ class KFAC(KroneckerFactoredOptimizer):
             else:
                 ema_gram_(st["omega"], a, beta, sa)
                 ema_gram_(st["gamma"], g, beta, sg)
+        for name, f in fishers.items():
+            st = self.module_state.setdefault(name, {})
+            if "fisher" not in st:
+                st["fisher"] = f
+            else:
+                st["fisher"].mul_(beta).add_(f, alpha=1.0 - beta)
         # EMA is linear and the old factors agree across ranks: averaging after the update is exact
-        D.all_reduce_mean([st[k] for n in rows for st in (self.module_state[n],) for k in ("omega", "gamma")])
+        D.all_reduce_mean(
+            [st[k] for n in rows for st in (self.module_state[n],) for k in ("omega", "gamma")]
+            + [self.module_state[n]["fisher"] for n in fishers]
+        )
 
     def _sampled_or_true_grads(
         self, closure: Closure, outputs: Tensor, loss: Tensor, recs: dict[str, C.LayerRecord], retain: bool
@@ -218,13 +261,19 @@ class KFAC(KroneckerFactoredOptimizer):
                         gram_(sums[name][1], g, 1.0, sg)
                     else:
                         sums[name] = [gram(a, sa), gram(g, sg)]
+                for name, f in self._channel_fishers(closure, recs, grads).items():
+                    if name in sums:
+                        sums[name][0].add_(f)
+                    else:
+                        sums[name] = [f]
                 count += 1
             if count:
-                D.all_reduce_mean([x for pair in sums.values() for x in pair])
-                for name, (omega, gamma) in sums.items():
+                D.all_reduce_mean([x for factors in sums.values() for x in factors])
+                for name, factors in sums.items():
                     st = self.module_state.setdefault(name, {})
-                    st["omega"] = omega.div_(count)
-                    st["gamma"] = gamma.div_(count)
+                    keys = ("omega", "gamma") if name in self.kron_blocks else ("fisher",)
+                    for key, x in zip(keys, factors, strict=True):
+                        st[key] = x.div_(count)
         return count
 
     # --------------------------------------------------------------- step
@@ -244,7 +293,7 @@ class KFAC(KroneckerFactoredOptimizer):
                 else None
             )
             result, recs = self._forward_backward(closure, record, retain_graph=sampled)
-            batch_stats = {}
+            batch_stats, fishers = {}, {}
             if stats_due:
                 with self._curvature_timer(), torch.enable_grad():
                     if sampled:
@@ -253,6 +302,7 @@ class KFAC(KroneckerFactoredOptimizer):
                     else:  # kfac-ef: dL/dh of the true loss, captured during the backward above
                         grads = {n: r.output_grads for n, r in recs.items()}
                     batch_stats = self._factor_rows(closure, recs, grads)
+                    fishers = self._channel_fishers(closure, recs, grads)
         except FloatingPointError:
             self.generator.set_state(rng)  # lose nothing: the sampled targets are drawn again
             raise
@@ -260,7 +310,7 @@ class KFAC(KroneckerFactoredOptimizer):
         with torch.no_grad():
             with self._curvature_timer():
                 if stats_due:
-                    self._accumulate_factors(batch_stats, g["stat_decay"])
+                    self._accumulate_factors(batch_stats, fishers, g["stat_decay"])
                 if inverse_due:
                     self._update_inverses(g["damping"], g["pi"])
             self._apply_step(g, fallback_scale(closure))
@@ -271,12 +321,27 @@ class KFAC(KroneckerFactoredOptimizer):
         owners = D.assign_owners(
             {
                 n: float(st["omega"].shape[0] ** 3 + st["gamma"].shape[0] ** 3)
+                if "omega" in st
+                else float(st["fisher"].numel() * st["fisher"].shape[-1])
                 for n, st in self.module_state.items()
             }
         )
         me = D.rank()
         root = math.sqrt(damping)
         for name, st in self.module_state.items():
+            if "fisher" in st:  # a scale-and-shift block: (F_c + lam I)^-1 per channel
+                if owners[name] != me:
+                    st.setdefault("fisher_inv", torch.empty_like(st["fisher"]))
+                    continue
+                try:
+                    st["fisher_inv"] = damped_inverses(st["fisher"], damping)
+                except LinAlgError as err:
+                    if "fisher_inv" not in st:
+                        raise
+                    logger.warning(
+                        "%s: keeping the previous inverses of layer '%s': %s", self.method, name, err
+                    )
+                continue
             if owners[name] != me:
                 st.setdefault("omega_inv", torch.empty_like(st["omega"]))
                 st.setdefault("gamma_inv", torch.empty_like(st["gamma"]))
@@ -291,7 +356,11 @@ class KFAC(KroneckerFactoredOptimizer):
                 logger.warning("%s: keeping the previous inverses of layer '%s': %s", self.method, name, err)
             st["pi"] = pi
         D.broadcast_from_owners(
-            {n: [st["omega_inv"], st["gamma_inv"]] for n, st in self.module_state.items()}, owners
+            {
+                n: [st["fisher_inv"]] if "fisher" in st else [st["omega_inv"], st["gamma_inv"]]
+                for n, st in self.module_state.items()
+            },
+            owners,
         )
 
     def _apply_step(self, g: dict[str, Any], diag_scale: float) -> None:
@@ -314,7 +383,10 @@ class KFAC(KroneckerFactoredOptimizer):
             gw = momentum(w)
             gb = momentum(b) if b is not None and b.grad is not None else None
             st = self.module_state[name]
-            direction = kron_apply(st["gamma_inv"], block.grad_matrix(gw, gb), st["omega_inv"])
+            if block.curvature == "channel":  # (F_c + lam I)^-1 [dgamma_c, dbeta_c] per channel
+                direction = torch.einsum("cij,cj->ci", st["fisher_inv"], block.grad_matrix(gw, gb))
+            else:
+                direction = kron_apply(st["gamma_inv"], block.grad_matrix(gw, gb), st["omega_inv"])
             pw, pb = block.split_matrix(direction)
             tw, tb = block.update_targets()
             self._apply_update(tw, pw, lr, wd)

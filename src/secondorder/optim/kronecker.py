@@ -101,6 +101,11 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         fallback: ``"momentum"`` (the thesis's rule) or ``"diagonal"`` for the tensors no block
             models (module docstring).
 
+    Class attributes:
+        block_kinds: the :attr:`~secondorder.capture.blocks.LayerBlock.curvature` forms the method
+            uses (``{"kronecker"}``; KFAC adds ``"channel"``, the scale-and-shift blocks of
+            normalisation layers). Blocks of other forms leave their tensors to the fallback.
+
     Attributes:
         blocks: module name -> its layer block.
         layers: module name -> the module (the keys of ``module_state``).
@@ -111,6 +116,8 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         ValueError: ``layers`` / ``exclude`` hold something else, or a name, pattern or type that
             matches no layer a block models; ``model`` has no layer left to model.
     """
+
+    block_kinds: frozenset[str] = frozenset({"kronecker"})
 
     def __init__(
         self,
@@ -124,9 +131,8 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
     ):
         defaults = dict(defaults, fallback=H.choice("fallback", fallback, Fallback))
         super().__init__(model, defaults, seed=seed)
-        self.blocks = self._choose_blocks(
-            layer_blocks(self.module), _specs("layers", layers), _specs("exclude", exclude)
-        )
+        usable = {n: b for n, b in layer_blocks(self.module).items() if b.curvature in self.block_kinds}
+        self.blocks = self._choose_blocks(usable, _specs("layers", layers), _specs("exclude", exclude))
         self.layers = {name: b.module for name, b in self.blocks.items()}
         self.capture = Capture(self.blocks)
         modeled = {id(p) for b in self.blocks.values() for p in b.parameters()}
