@@ -274,7 +274,7 @@ def run_both(name, kind, steps=4, **hp):
     )
     base.update(hp)
     oracle = Oracle(name, kind, model, data[0], base)
-    opt = so.make_optimizer(name, model, **base)
+    opt = so.make_optimizer(name, model, **base, fallback="momentum")  # the thesis's rule, as the oracle
     loss_fn = nn.CrossEntropyLoss()
     assert opt.warm_start([so.Closure(model, *data[0], loss_fn)]) == 1
     layer_names = opt.modeled_modules
@@ -468,7 +468,9 @@ def test_batchnorm_parameters_follow_the_momentum_gradient_with_lr_over_damping(
     data = make_batches("fc", n=2, m=8)
     for name, lr_scale in [("kbfgs", 1 / 0.3), ("kbfgs20", 1.0)]:
         model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
-        opt = so.make_optimizer(name, model, lr=0.1, damping=0.3, momentum=0.5, weight_decay=0.01)
+        opt = so.make_optimizer(
+            name, model, lr=0.1, damping=0.3, momentum=0.5, weight_decay=0.01, fallback="momentum"
+        )
         buf = None
         for x, y in data:
             reference = copy.deepcopy(model)

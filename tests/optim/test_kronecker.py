@@ -11,7 +11,7 @@ from torch import nn
 
 import secondorder as so
 from secondorder.capture import hooks as C
-from secondorder.optim.kronecker import FALLBACK, UnmodeledParametersWarning
+from secondorder.optim.kronecker import FALLBACK_DIAGONAL, UnmodeledParametersWarning
 from tests.helpers import classification_data, image_data, tiny_conv_bn, tiny_mlp
 
 KRONECKER = ["kfac", "kfac-ef", "kbfgs", "kbfgsl", "kbfgs20", "kbfgsl20"]
@@ -63,7 +63,7 @@ def test_coverage_names_the_block_or_the_fallback_of_every_tensor(key):
         assert [cov[n] for n in bn] == ["BatchNormBlock('1')"] * 2 + ["BatchNormBlock('4')"] * 2
         assert opt.other_params == []
     else:
-        assert {cov[n] for n in bn} == {FALLBACK}
+        assert {cov[n] for n in bn} == {FALLBACK_DIAGONAL}
         assert sorted(opt.other_params) == ["1.bias", "1.weight", "4.bias", "4.weight"]
 
 
@@ -92,7 +92,7 @@ def test_layers_and_exclude_by_name_pattern_and_type(key):
     assert build(key, model, layers=nn.Linear).modeled_modules == ["7"]
     assert build(key, model, layers=["*"], exclude=["0"]).modeled_modules == sorted(["3", "7"] + bn)
     cov = build(key, model, exclude="7").coverage()
-    assert cov["7.weight"] == cov["7.bias"] == FALLBACK
+    assert cov["7.weight"] == cov["7.bias"] == FALLBACK_DIAGONAL
 
 
 @pytest.mark.parametrize("key", ["kfac", "kbfgs"])
@@ -152,7 +152,7 @@ def test_an_excluded_layer_follows_the_momentum_gradient():
     """kfac with layer '3' excluded: its update is -lr * grad at the first step, and it has no factors."""
     model = tiny_mlp(widths=(6, 5, 3))
     x, y = classification_data()
-    opt = build("kfac-ef", model, exclude="2", lr=0.1)
+    opt = build("kfac-ef", model, exclude="2", lr=0.1, fallback="momentum")
     before = model[2].weight.detach().clone()
     model.zero_grad()
     nn.CrossEntropyLoss()(model(x), y).backward()
@@ -177,7 +177,7 @@ def test_a_transformer_is_modeled_but_for_its_norms(key):
         assert not any(what.startswith("fallback") for what in opt.coverage().values())
     else:
         assert opt.modeled_modules == modeled + ["head"]
-        assert sorted(n for n, what in opt.coverage().items() if what == FALLBACK) == [
+        assert sorted(n for n, what in opt.coverage().items() if what == FALLBACK_DIAGONAL) == [
             "enc.norm1.bias",
             "enc.norm1.weight",
             "enc.norm2.bias",

@@ -842,7 +842,7 @@ class KBFGS(_KBFGSBase):
         momentum_style: str = MomentumStyle.ACCUMULATE.value,
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
-        fallback: str = Fallback.MOMENTUM.value,
+        fallback: str = Fallback.DIAGONAL.value,
     ):
         self._setup(**_arguments(locals()))
 
@@ -877,7 +877,7 @@ class KBFGSL(_KBFGSBase):
         momentum_style: str = MomentumStyle.ACCUMULATE.value,
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
-        fallback: str = Fallback.MOMENTUM.value,
+        fallback: str = Fallback.DIAGONAL.value,
     ):
         self._setup(**_arguments(locals()))
 
@@ -912,7 +912,7 @@ class KBFGS20(_KBFGSBase):
         momentum_style: str = MomentumStyle.AVERAGE.value,
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
-        fallback: str = Fallback.MOMENTUM.value,
+        fallback: str = Fallback.DIAGONAL.value,
     ):
         self._setup(**_arguments(locals()))
 
@@ -948,7 +948,7 @@ class KBFGSL20(_KBFGSBase):
         momentum_style: str = MomentumStyle.AVERAGE.value,
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
-        fallback: str = Fallback.MOMENTUM.value,
+        fallback: str = Fallback.DIAGONAL.value,
     ):
         self._setup(**_arguments(locals()))
 

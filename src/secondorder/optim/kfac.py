@@ -130,7 +130,7 @@ class KFAC(KroneckerFactoredOptimizer):
         weight_sharing: str = WeightSharing.EXPAND.value,
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
-        fallback: str = Fallback.MOMENTUM.value,
+        fallback: str = Fallback.DIAGONAL.value,
     ):
         defaults = dict(
             **H.shared(

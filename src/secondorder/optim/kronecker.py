@@ -127,7 +127,7 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         seed: int | None = None,
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
-        fallback: str = Fallback.MOMENTUM.value,
+        fallback: str = Fallback.DIAGONAL.value,
     ):
         defaults = dict(defaults, fallback=H.choice("fallback", fallback, Fallback))
         super().__init__(model, defaults, seed=seed)
