@@ -79,7 +79,7 @@ def test_conv1d_rows_reproduce_the_convolution(geometry):
     assert block.num_locations(h) == h.shape[2]
     torch.testing.assert_close(block.spatial_mean(h), LB.LayerBlock.spatial_mean(block, h))
     torch.testing.assert_close(block.spatial_abs_mean(h), LB.LayerBlock.spatial_abs_mean(block, h))
-    assert LB.block_for(nn.Conv1d(4, 4, 3, groups=2)) is None
+    assert [b.part for b in LB.block_for(nn.Conv1d(4, 4, 3, groups=2)).split()] == ["[0]", "[1]"]
     assert LB.block_for(nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect")) is None
 
 
@@ -210,13 +210,13 @@ def test_embedding_kfac_factors_and_step_against_per_example_gradients():
 class Grouped(nn.Module):
     """A grouped conv written as one nn.Conv2d per group on its channels, outputs concatenated."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d):
         super().__init__()
         groups = conv.groups
         c_in, c_out = conv.in_channels // groups, conv.out_channels // groups
         self.convs = nn.ModuleList()
         for g in range(groups):
-            part = nn.Conv2d(
+            part = type(conv)(
                 c_in,
                 c_out,
                 conv.kernel_size,
@@ -284,3 +284,29 @@ def test_a_grouped_conv_is_chosen_and_reported_as_one_module():
         cov = so.make_optimizer("kbfgs", net).coverage()
     assert cov["0.weight"] == cov["0.bias"] == "Conv2dGroupBlock('0[0]', '0[1]')"
     assert "0" not in so.capture.unmodeled_modules(net)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_grouped_and_depthwise_conv1d_take_the_steps_of_one_conv1d_per_group(key):
+    torch.manual_seed(7)
+    net1 = nn.Sequential(
+        nn.Conv1d(4, 6, 3, padding=1, groups=2),
+        nn.Tanh(),
+        nn.Conv1d(6, 6, 3, stride=2, groups=6, bias=False),  # depthwise
+        nn.Flatten(),
+        nn.Linear(6 * 2, 3),
+    ).double()
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(8, 4, 6, generator=g, dtype=torch.float64)
+    y = (x[:, 0].mean(1) > 0).long() + (x[:, 3, 0] > 0.5).long()
+    net2 = nn.Sequential(*(Grouped(m) if isinstance(m, nn.Conv1d) else copy.deepcopy(m) for m in net1))
+    torch.testing.assert_close(net1(x), net2(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = so.make_optimizer(key, net1)
+    assert opt.modeled_modules == ["0[0]", "0[1]", *(f"2[{g}]" for g in range(6)), "4"]
+    assert opt.coverage()["0.weight"] == "Conv1dGroupBlock('0[0]', '0[1]')"
+    hp = {"lr": 0.01} if "kbfgs" in key else {}
+    l1, l2 = steps(key, net1, x, y, **hp), steps(key, net2, x, y, **hp)
+    assert l1 == pytest.approx(l2, rel=1e-10, abs=1e-12)
+    assert l1[-1] < l1[0]

@@ -18,9 +18,10 @@ of it for a convolution) with the homogeneous 1 appended when the layer has a bi
 
 The methods never test a module's type: they ask the registry (:func:`block_for`) for the block
 of each module. Built in: ``nn.Linear`` (extra leading dimensions count as locations),
-``nn.Conv2d`` (zero padding; a grouped conv splits into one block per group), ``nn.Conv1d``
-(``groups == 1``), ``nn.Embedding`` and self-attention ``nn.MultiheadAttention``; a user adds a
-layer type with :func:`register_layer`. Nothing here is specific to one method.
+``nn.Conv2d`` and ``nn.Conv1d`` (zero padding; a grouped conv splits into one block per group),
+``nn.Embedding``, self-attention ``nn.MultiheadAttention``, and the scale and shift of the
+normalisation layers (:class:`ScaleShiftBlock`, a per-channel form); a user adds a layer type
+with :func:`register_layer`. Nothing here is specific to one method.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..linalg.kron import gram, gram_
 __all__ = [
     "BatchNormBlock",
     "Conv1dBlock",
+    "Conv1dGroupBlock",
     "Conv2dBlock",
     "Conv2dGroupBlock",
     "EmbeddingBlock",
@@ -376,6 +378,11 @@ class Conv2dGroupBlock(LayerBlock):
         self._out = slice(group * c_out, (group + 1) * c_out)
         self._geometry = Conv2dBlock(_as_conv2d(module, c_in, c_out))
 
+    @staticmethod
+    def _image(t: Tensor) -> Tensor:
+        """The captured tensor as an image batch ``(m, C, H, W)`` (a 1-d group lifts it)."""
+        return t
+
     @property
     def weight(self) -> Tensor:
         return self.module.weight[self._out]
@@ -394,37 +401,47 @@ class Conv2dGroupBlock(LayerBlock):
         )
 
     def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
-        return self._geometry.input_rows(a[:, self._in], bias)
+        return self._geometry.input_rows(self._image(a)[:, self._in], bias)
 
     def output_rows(self, h: Tensor) -> Tensor:
-        return self._geometry.output_rows(h[:, self._out])
+        return self._geometry.output_rows(self._image(h)[:, self._out])
 
     def num_locations(self, h: Tensor, batch_size: int | None = None) -> int:
-        return self._geometry.num_locations(h[:, self._out], batch_size)
+        return self._geometry.num_locations(self._image(h)[:, self._out], batch_size)
 
     def output_spatial_shape(self, h: Tensor) -> tuple[int, ...]:
-        return tuple(h.shape[2:])
+        return tuple(self._image(h).shape[2:])
 
     def spatial_mean(self, h: Tensor) -> Tensor:
-        return self._geometry.spatial_mean(h[:, self._out])
+        return self._geometry.spatial_mean(self._image(h)[:, self._out])
 
     def spatial_abs_mean(self, h: Tensor) -> Tensor:
-        return self._geometry.spatial_abs_mean(h[:, self._out])
+        return self._geometry.spatial_abs_mean(self._image(h)[:, self._out])
 
     def input_mean(self, a: Tensor, out_hw: tuple[int, ...]) -> Tensor:
-        return self._geometry.input_mean(a[:, self._in], out_hw)
+        return self._geometry.input_mean(self._image(a)[:, self._in], out_hw)
 
     def input_action(self, a: Tensor, v: Tensor, batch_size: int | None = None) -> Tensor:
-        return self._geometry.input_action(a[:, self._in], v, batch_size)
+        return self._geometry.input_action(self._image(a)[:, self._in], v, batch_size)
 
     def input_gram(self, a: Tensor, chunk_elements: int = 1 << 24, batch_size: int | None = None) -> Tensor:
-        return self._geometry.input_gram(a[:, self._in], chunk_elements, batch_size)
+        return self._geometry.input_gram(self._image(a)[:, self._in], chunk_elements, batch_size)
+
+
+class Conv1dGroupBlock(Conv2dGroupBlock):
+    """Group ``g`` of an ``nn.Conv1d`` with ``groups > 1``: the Conv2d group block on the input
+    seen as ``(m, C, 1, L)``."""
+
+    @staticmethod
+    def _image(t: Tensor) -> Tensor:
+        return t.unsqueeze(2)
 
 
 class Conv1dBlock(LayerBlock):
-    """``nn.Conv1d`` with ``groups == 1`` and zero padding: the Conv2d block (Algorithm 12's
-    im2col patches) on the input seen as ``(m, C, 1, L)`` with the kernel ``(1, k)``; the patch
-    order (channel, kernel position) is that of ``weight.view(d_o, -1)``.
+    """``nn.Conv1d`` with zero padding: the Conv2d block (Algorithm 12's im2col patches) on the
+    input seen as ``(m, C, 1, L)`` with the kernel ``(1, k)``; the patch order (channel, kernel
+    position) is that of ``weight.view(d_o, -1)``. With ``groups > 1`` one
+    :class:`Conv1dGroupBlock` per group.
     """
 
     module: nn.Conv1d
@@ -436,11 +453,14 @@ class Conv1dBlock(LayerBlock):
     @classmethod
     def unsupported(cls, module: nn.Module) -> str | None:
         assert isinstance(module, nn.Conv1d)
-        if module.groups != 1:
-            return f"groups={module.groups}"
         if conv_padding(_as_conv2d(module)) is None:
             return f"padding {module.padding!r} with padding_mode={module.padding_mode!r}"
         return None
+
+    def split(self) -> list[LayerBlock]:
+        if self.module.groups == 1:
+            return [self]
+        return [Conv1dGroupBlock(self.module, g) for g in range(self.module.groups)]  # type: ignore[arg-type]
 
     def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
         return self._geometry.input_rows(a.unsqueeze(2), bias)
