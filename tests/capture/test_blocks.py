@@ -95,7 +95,8 @@ def test_built_in_blocks_and_subclasses():
     assert LB.Conv2dBlock.unsupported(nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular")) == (
         "padding (1, 1) with padding_mode='circular'"
     )
-    assert LB.block_for(nn.LSTM(2, 3)) is None
+    assert isinstance(LB.block_for(nn.LSTM(2, 3)), LB.RecurrentBlock)
+    assert LB.block_for(nn.Bilinear(2, 2, 3)) is None
     assert LB.block_for(Pointwise(2, 3)) is None
 
 
@@ -129,7 +130,7 @@ def test_bad_registrations_name_the_argument():
         so.unregister_layer(Pointwise)
     assert LB.block_for(Pointwise(2, 3)) is None
     with pytest.raises(ValueError, match="module"):
-        C.block(nn.LSTM(2, 3))
+        C.block(nn.Bilinear(2, 2, 3))
 
 
 def test_a_block_without_rows_says_so():

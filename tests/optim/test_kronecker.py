@@ -115,19 +115,20 @@ def test_bad_layer_choices_raise_value_errors_naming_the_argument(key):
 
 @pytest.mark.parametrize("key", KRONECKER)
 def test_a_model_with_nothing_to_model_is_refused_at_construction(key):
-    class RNN(nn.Module):
+    class Pairwise(nn.Module):
         def __init__(self):
             super().__init__()
-            self.rnn = nn.LSTM(3, 4)
+            self.bilinear = nn.Bilinear(3, 3, 4)
 
         def forward(self, x):
-            return self.rnn(x)[0][-1]
+            return self.bilinear(x, x)
 
     with pytest.raises(
         ValueError,
-        match=r"model: .* has no layer to model; modules without a block: 'rnn': no layer block for LSTM",
+        match=r"model: .* has no layer to model; modules without a block: 'bilinear': no layer block for "
+        "Bilinear",
     ):
-        so.make_optimizer(key, RNN())
+        so.make_optimizer(key, Pairwise())
 
 
 def test_unmodeled_modules_give_reasons():

@@ -49,6 +49,8 @@ __all__ = [
     "LinearBlock",
     "MultiheadAttentionBlock",
     "RMSNormBlock",
+    "RecurrentBlock",
+    "RecurrentPartBlock",
     "ScaleShiftBlock",
     "block_for",
     "block_type_for",
@@ -58,6 +60,7 @@ __all__ = [
     "register_layer",
     "registered_layers",
     "unregister_layer",
+    "unrolled_rnn",
 ]
 
 
@@ -106,6 +109,8 @@ class LayerBlock:
     #: whether the rows of :meth:`input_rows` / :meth:`output_rows` run example by example (all
     #: locations of example 0 first); statistics that group rows by example need it
     example_major: bool = True
+    #: captured by running the module step by step (recurrent layers, :func:`unrolled_rnn`)
+    unrolled: bool = False
     #: the form of the curvature this block offers: ``"kronecker"`` (the ``h_t = W abar_t`` view
     #: of this class) or ``"channel"`` (:class:`ScaleShiftBlock`); each method says which forms
     #: it uses (``KroneckerFactoredOptimizer.block_kinds``)
@@ -719,6 +724,171 @@ class RMSNormBlock(LayerNormBlock):
         return F.rms_norm(a, self.module.normalized_shape, eps=self.module.eps)
 
 
+class RecurrentBlock(LayerBlock):
+    """``nn.LSTM``, ``nn.GRU`` and ``nn.RNN``: each weight matrix is a Linear map applied at every
+    time step, one block per matrix (:class:`RecurrentPartBlock`, named ``rnn[ih_l0]``,
+    ``rnn[hh_l0]``, ``rnn[ih_l0_reverse]``, ...), each step a location (``expand``): the
+    independence-across-time approximation of Martens, Ba and Johnson (ICLR 2018).
+
+    The fused kernel never exposes the gates, so while a pass is recorded the module runs
+    :func:`unrolled_rnn`, the same recurrence written step by step (equal to round-off), which
+    hands each part its input rows (``x_t`` for ``ih``, ``h_{t-1}`` for ``hh``) and the tensor of
+    its outputs. ``proj_size > 0`` and ``PackedSequence`` inputs are not modeled.
+    """
+
+    module: nn.RNNBase
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        assert isinstance(module, nn.RNNBase)
+        if getattr(module, "proj_size", 0):
+            return f"proj_size={module.proj_size}"
+        return None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight_ih_l0
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.module, "bias_ih_l0", None) if self.module.bias else None
+
+    def parameters(self) -> list[Tensor]:
+        return [p for part in self.split() for p in part.parameters()]
+
+    def split(self) -> list[LayerBlock]:
+        m = self.module
+        sfx = [
+            f"_l{k}{'_reverse' if d else ''}" for k in range(m.num_layers) for d in range(1 + m.bidirectional)
+        ]
+        return [RecurrentPartBlock(m, kind + s) for s in sfx for kind in ("ih", "hh")]
+
+    def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:  # the parts are modeled
+        raise NotImplementedError("a recurrent layer is modeled through its parts (split())")
+
+    output_rows = input_rows  # type: ignore[assignment]
+
+
+class RecurrentPartBlock(LayerBlock):
+    """One weight matrix of a recurrent layer (``key`` ``"ih_l0"``, ``"hh_l1_reverse"``, ...): a
+    Linear map whose captured input is ``(m, T, D)`` (``x_t`` or ``h_{t-1}``) and output
+    ``(m, T, G)``; its rows run example by example."""
+
+    module: nn.RNNBase
+    #: captured by running the module unrolled (:func:`unrolled_rnn`) while a pass is recorded
+    unrolled = True
+
+    def __init__(self, module: nn.RNNBase, key: str) -> None:
+        super().__init__(module)
+        self.key = key
+        self.part = f"[{key}]"
+
+    @property
+    def weight(self) -> Tensor:
+        return getattr(self.module, "weight_" + self.key)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.module, "bias_" + self.key) if self.module.bias else None
+
+    def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
+        return self.homogeneous(a.reshape(-1, a.shape[-1]), bias)
+
+    def output_rows(self, h: Tensor) -> Tensor:
+        return h.reshape(-1, h.shape[-1])
+
+
+RNNHook = Callable[[Tensor, Tensor], None]
+
+
+def unrolled_rnn(module: nn.RNNBase, hooks: dict[str, RNNHook]) -> Callable[..., Any]:
+    """A ``forward`` for ``module`` (an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``) that runs the
+    recurrence step by step and calls ``hooks[key](inputs, outputs)`` for each weight matrix
+    (``key`` as :class:`RecurrentPartBlock`): ``inputs`` the detached ``(m, T, D)`` rows, ``outputs``
+    an ``(m, T, G)`` tensor of the graph whose gradient is ``dL/d(W_key rows + b_key)``."""
+
+    def forward(input: Any, hx: Any = None) -> Any:
+        if isinstance(input, nn.utils.rnn.PackedSequence):
+            raise ValueError(
+                f"a PackedSequence input to {type(module).__name__} cannot be captured by its "
+                "recurrent blocks; exclude the layer (exclude=[...]) or pad the sequences"
+            )
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(0 if module.batch_first else 1) if unbatched else input
+        if module.batch_first:
+            x = x.transpose(0, 1)  # (T, m, I)
+        steps, m = x.shape[:2]
+        dirs, size, lstm = 1 + module.bidirectional, module.hidden_size, module.mode == "LSTM"
+        zeros = x.new_zeros(module.num_layers * dirs, m, size)
+        if hx is None:
+            h0, c0 = zeros, zeros
+        else:
+            h0, c0 = hx if lstm else (hx, None)
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
+        h_n, c_n = [], []
+        layer_in = x
+        for k in range(module.num_layers):
+            outs = []
+            for d in range(dirs):
+                sfx = f"_l{k}{'_reverse' if d else ''}"
+                w_ih, w_hh = getattr(module, "weight_ih" + sfx), getattr(module, "weight_hh" + sfx)
+                b_ih = getattr(module, "bias_ih" + sfx) if module.bias else None
+                b_hh = getattr(module, "bias_hh" + sfx) if module.bias else None
+                seq = (layer_in.flip(0) if d else layer_in).transpose(0, 1)  # (m, T, D)
+                z_ih = F.linear(seq, w_ih, b_ih)  # all steps at once, (m, T, G)
+                hook = hooks.get("hh" + sfx)
+                eps = None  # dL/d(eps_t) = dL/d(W_hh h_{t-1} + b_hh) at step t
+                if hook is not None and torch.is_grad_enabled():
+                    eps = z_ih.new_zeros(z_ih.shape, requires_grad=True)
+                h = h0[k * dirs + d]
+                c = c0[k * dirs + d] if lstm else None
+                prev, out = [], []
+                for t in range(steps):
+                    prev.append(h)
+                    z_hh = F.linear(h, w_hh, b_hh)
+                    if eps is not None:
+                        z_hh = z_hh + eps[:, t]
+                    h, c = _cell(module.mode, z_ih[:, t], z_hh, h, c)
+                    out.append(h)
+                if "ih" + sfx in hooks:
+                    hooks["ih" + sfx](seq.detach(), z_ih)
+                if eps is not None:
+                    hook(torch.stack(prev, 1).detach(), eps)  # type: ignore[misc]
+                seq_out = torch.stack(out, 0)  # (T, m, H)
+                outs.append(seq_out.flip(0) if d else seq_out)
+                h_n.append(h)
+                c_n.append(c)
+            layer_in = torch.cat(outs, -1) if dirs > 1 else outs[0]
+            if k < module.num_layers - 1 and module.dropout and module.training:
+                layer_in = F.dropout(layer_in, module.dropout, True)
+        output = layer_in.transpose(0, 1) if module.batch_first else layer_in
+        hn = torch.stack(h_n)
+        cn = torch.stack(c_n) if lstm else None  # type: ignore[arg-type]
+        if unbatched:
+            output = output.squeeze(0 if module.batch_first else 1)
+            hn, cn = hn.squeeze(1), (cn.squeeze(1) if cn is not None else None)
+        return (output, (hn, cn)) if lstm else (output, hn)
+
+    return forward
+
+
+def _cell(mode: str, zi: Tensor, zh: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One step of ``nn.LSTM`` (gates i, f, g, o), ``nn.GRU`` (r, z, n) or ``nn.RNN``."""
+    if mode == "LSTM":
+        i, f, g, o = (zi + zh).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if mode == "GRU":
+        ri, ui, ni = zi.chunk(3, -1)
+        rh, uh, nh = zh.chunk(3, -1)
+        r, u = torch.sigmoid(ri + rh), torch.sigmoid(ui + uh)
+        n = torch.tanh(ni + r * nh)
+        return (1 - u) * n + u * h, None
+    act = torch.tanh if mode == "RNN_TANH" else torch.relu
+    return act(zi + zh), None
+
+
 # ---------------------------------------------------------------------- the registry
 _REGISTRY: dict[type[nn.Module], type[LayerBlock]] = {}
 _BUILT_IN: dict[type[nn.Module], type[LayerBlock]] = {
@@ -731,6 +901,9 @@ _BUILT_IN: dict[type[nn.Module], type[LayerBlock]] = {
     nn.GroupNorm: GroupNormBlock,
     nn.LayerNorm: LayerNormBlock,
     nn.RMSNorm: RMSNormBlock,
+    nn.LSTM: RecurrentBlock,
+    nn.GRU: RecurrentBlock,
+    nn.RNN: RecurrentBlock,
 }
 _REGISTRY.update(_BUILT_IN)
 

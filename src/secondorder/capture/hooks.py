@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .blocks import LayerBlock, block_for, block_type_for
+from .blocks import LayerBlock, block_for, block_type_for, unrolled_rnn
 from .blocks import conv_padding as conv_padding  # re-exported
 from .blocks import patches as patches  # re-exported
 
@@ -329,20 +329,35 @@ class Capture:
             return hook
 
         functional: dict[int, Callable[[Tensor, Tensor], None]] = {}
+        unrolled: dict[int, tuple[nn.Module, dict[str, Callable[[Tensor, Tensor], None]]]] = {}
+        own_forward: dict[int, Callable[..., object]] = {}  # an instance forward, put back
         for name, module in self.modules.items():
             hook = make_hook(records[name])
             block = self.blocks[name]
             if block is not None and block.functional:
                 # captured where its weight enters F.linear (the module itself is never called)
                 functional[id(block.weight)] = lambda a, out, hook=hook: hook(None, (a,), {}, out)
+            elif block is not None and block.unrolled:
+                # a recurrent layer's matrices: captured by running the module step by step
+                parts = unrolled.setdefault(id(module), (module, {}))[1]
+                parts[block.key] = lambda a, out, hook=hook: hook(None, (a,), {}, out)  # type: ignore[attr-defined]
             else:
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        for key, (module, parts) in unrolled.items():
+            if "forward" in module.__dict__:
+                own_forward[key] = module.__dict__["forward"]
+            module.forward = unrolled_rnn(module, parts)  # type: ignore[arg-type, method-assign]
         try:
             with _functional_linear_capture(functional) if functional else nullcontext():
                 yield records
         finally:
             for h in handles:
                 h.remove()
+            for key, (module, _) in unrolled.items():
+                if key in own_forward:
+                    module.forward = own_forward[key]  # type: ignore[method-assign]
+                else:
+                    del module.forward  # the class's forward again
         if check:
             silent = [n for n, r in records.items() if r.calls == 0]
             if silent:

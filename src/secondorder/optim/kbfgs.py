@@ -1,7 +1,8 @@
 """K-BFGS and K-BFGS(L): Algorithm 9 (chapter 3) and Algorithm 4 (K-BFGS-20, chapter 2).
 
-Per modeled layer ``l`` (each layer block of :mod:`secondorder.capture.blocks`: Linear, Conv1d,
-Conv2d and each group of a grouped Conv2d, Embedding, self-attention's projections) the block of the inverse
+Per modeled layer ``l`` (each Kronecker layer block of :mod:`secondorder.capture.blocks`: Linear,
+Conv1d and Conv2d (each group of a grouped one), Embedding, self-attention's projections, each
+weight matrix of an LSTM / GRU / RNN) the block of the inverse
 Hessian is approximated by ``H_A (x) H_G`` and the step is (3.10)/(2.4)::
 
     DW <- mu DW + DW_batch                   (momentum; chapter 2: mu DW + (1 - mu) DW_batch)

@@ -1,7 +1,8 @@
 """KFAC and KFAC-EF: Algorithm 12 (conv and FC layers), Algorithm 7 (the chapter-2 FC form).
 
-Per modeled layer ``l`` (each layer block of :mod:`secondorder.capture.blocks`: Linear, Conv1d,
-Conv2d and each group of a grouped Conv2d, Embedding, self-attention's projections), with ``abar`` the layer
+Per modeled layer ``l`` (each Kronecker layer block of :mod:`secondorder.capture.blocks`: Linear,
+Conv1d and Conv2d (each group of a grouped one), Embedding, self-attention's projections, each
+weight matrix of an LSTM / GRU / RNN), with ``abar`` the layer
 input with the homogeneous 1 (im2col patches for conv) and ``g = dl_n/dh`` the per-example
 pre-activation gradient (docs/notes.md §0):
 
@@ -18,9 +19,11 @@ pre-activation gradient (docs/notes.md §0):
 * step (lines 7-9): ``DW <- mu DW + DW_batch``, ``p = H_Gamma DW H_Omega``,
   ``W <- W - alpha (p + gamma W)`` (decoupled weight decay, 3.7.2).
 
-Parameters of layers KFAC does not model take the fallback (``fallback=``): the momentum gradient
-with the same ``lr`` and weight decay (3.7.2, the thesis's rule) or the diagonal preconditioner
-of :mod:`secondorder.optim.kronecker`.
+The scale and shift of normalisation layers (``ScaleShiftBlock``) get a dense per-channel block
+``(F_c + lam I)^-1`` of the Fisher instead (``F_c`` from the exact per-row gradients, ``expand``
+or ``reduce``). Parameters of layers KFAC does not model take the fallback (``fallback=``): the
+diagonal preconditioner of :mod:`secondorder.optim.kronecker` (default) or the momentum gradient
+with the same ``lr`` and weight decay (3.7.2, the thesis's rule).
 
 Implementation choices:
 
