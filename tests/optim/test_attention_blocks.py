@@ -130,15 +130,11 @@ class Decoder(nn.Module):
         return self.head(self.dec(x, x.flip(1)).mean(1))
 
 
-def test_cross_attention_of_a_decoder_layer_falls_back_and_the_rest_trains():
+def test_cross_attention_of_a_decoder_layer_is_modeled_and_trains():
     model = Decoder()
     x, y = (t.float() if t.is_floating_point() else t for t in data())
     why = C.unmodeled_modules(model)
-    assert (
-        why["dec.multihead_attn"]
-        == "MultiheadAttention used as cross-attention (query differs from key and value)"
-    )
-    assert "dec.multihead_attn.out_proj" in why and "dec.self_attn" not in why
+    assert not any(n.startswith("dec.multihead_attn") or n.startswith("dec.self_attn") for n in why)
     losses = run("kfac", model, x, y, steps=15)
     assert losses[-1] < losses[0]
 

@@ -47,7 +47,9 @@ __all__ = [
     "LayerBlock",
     "LayerNormBlock",
     "LinearBlock",
+    "AttentionProjectionBlock",
     "MultiheadAttentionBlock",
+    "MultiheadCrossAttentionBlock",
     "RMSNormBlock",
     "RecurrentBlock",
     "RecurrentPartBlock",
@@ -136,6 +138,13 @@ class LayerBlock:
     @property
     def has_bias(self) -> bool:
         return self.bias is not None
+
+    @property
+    def functional_key(self) -> int | tuple[int, int, int]:
+        """What identifies this block's weight in an ``F.linear`` call (:attr:`functional`): its
+        ``id``, or ``(id(parameter), first row, rows)`` for a block of a row slice of a parameter
+        (a parent that splits a packed weight passes views)."""
+        return id(self.weight)
 
     def parameters(self) -> list[Tensor]:
         """The parameter tensors this block preconditions (all of them or a part, see
@@ -562,8 +571,8 @@ class MultiheadAttentionBlock(LayerBlock):
     ``F.linear`` on the (sequence-first) input when query, key and value are the same tensor, so
     the block is captured there (:attr:`functional`); its ``out_proj`` is a Linear block captured
     the same way. Cross-attention (query differs from key and value) projects with slices of
-    ``W`` and is not modeled; nor are separate q/k/v weights (``kdim``/``vdim``) or
-    ``add_bias_kv``.
+    ``W``: :class:`MultiheadCrossAttentionBlock`. Separate q/k/v weights (``kdim``/``vdim``) and
+    ``add_bias_kv`` are not modeled.
     """
 
     module: nn.MultiheadAttention
@@ -887,6 +896,56 @@ def _cell(mode: str, zi: Tensor, zh: Tensor, h: Tensor, c: Tensor | None) -> tup
         return (1 - u) * n + u * h, None
     act = torch.tanh if mode == "RNN_TANH" else torch.relu
     return act(zi + zh), None
+
+
+class MultiheadCrossAttentionBlock(MultiheadAttentionBlock):
+    """``nn.MultiheadAttention`` used as cross-attention (``nn.TransformerDecoderLayer``'s
+    ``multihead_attn``, or a subclass registered with this block): the query differs from the key
+    and value, so ``F.multi_head_attention_forward`` projects with row slices of
+    ``in_proj_weight``: ``W_q`` (rows ``0:E``) on the query and ``W_kv`` (rows ``E:3E``) on the
+    memory when key and value are one tensor. One block per slice
+    (:class:`AttentionProjectionBlock`, named ``attn[q]`` and ``attn[kv]``), each over the
+    positions of its own input; ``out_proj`` is a Linear block as in self-attention. A key that
+    is not the value tensor (three projections) is not captured."""
+
+    def split(self) -> list[LayerBlock]:
+        e = self.module.embed_dim
+        return [
+            AttentionProjectionBlock(self.module, "q", slice(0, e)),
+            AttentionProjectionBlock(self.module, "kv", slice(e, 3 * e)),
+        ]
+
+
+class AttentionProjectionBlock(MultiheadAttentionBlock):
+    """Rows ``rows`` of ``in_proj_weight`` (and ``in_proj_bias``): one projection of a
+    cross-attention, captured where that slice enters ``F.linear``."""
+
+    def __init__(self, module: nn.MultiheadAttention, name: str, rows: slice) -> None:
+        super().__init__(module)
+        self.part = f"[{name}]"
+        self._rows = rows
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.in_proj_weight[self._rows]  # type: ignore[index]
+
+    @property
+    def bias(self) -> Tensor | None:
+        b = self.module.in_proj_bias
+        return None if b is None else b[self._rows]
+
+    def parameters(self) -> list[Tensor]:
+        m = self.module
+        return [m.in_proj_weight] if m.in_proj_bias is None else [m.in_proj_weight, m.in_proj_bias]  # type: ignore[list-item]
+
+    @property
+    def functional_key(self) -> tuple[int, int, int]:
+        return (id(self.module.in_proj_weight), self._rows.start, self._rows.stop - self._rows.start)
+
+    def grad_matrix(self, weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
+        return super().grad_matrix(
+            weight_grad[self._rows], None if bias_grad is None else bias_grad[self._rows]
+        )
 
 
 # ---------------------------------------------------------------------- the registry

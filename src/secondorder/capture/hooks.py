@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .blocks import LayerBlock, block_for, block_type_for, unrolled_rnn
+from .blocks import LayerBlock, MultiheadCrossAttentionBlock, block_for, block_type_for, unrolled_rnn
 from .blocks import conv_padding as conv_padding  # re-exported
 from .blocks import patches as patches  # re-exported
 
@@ -96,7 +96,14 @@ def _parent_blocks(model: nn.Module) -> tuple[dict[str, str], dict[str, LayerBlo
     cross = _cross_attention(model)
     for name, module in model.named_modules():
         if isinstance(module, FUNCTIONAL_PARENTS) and name not in children:
-            parents[name] = block_for(module) if name not in cross else None
+            if name in cross:  # its packed projection runs as two row slices
+                ok = (
+                    block_type_for(module) is not None
+                    and MultiheadCrossAttentionBlock.unsupported(module) is None
+                )
+                parents[name] = MultiheadCrossAttentionBlock(module) if ok else None  # type: ignore[arg-type]
+            else:
+                parents[name] = block_for(module)
             for child, _ in module.named_modules(prefix=name):
                 if child != name:
                     children.setdefault(child, name)
@@ -160,7 +167,7 @@ def unmodeled_modules(model: nn.Module) -> dict[str, str]:
         kind = type(module).__name__
         cls = block_type_for(module)
         if name in cross:
-            out[name] = f"{kind} used as cross-attention (query differs from key and value)"
+            out[name] = f"{kind} used as cross-attention with kdim/vdim or add_bias_kv"
         elif name in children and parents[children[name]] is None:
             parent = children[name]
             out[name] = (
@@ -235,11 +242,25 @@ class LayerRecord:
     extra: dict = field(default_factory=dict)
 
 
+def _row_slice_key(weight: Tensor) -> tuple[int, int, int] | None:
+    """``(id(base), first row, rows)`` when ``weight`` is a block of whole rows of its base tensor
+    (``w.split(...)`` of a packed projection), else ``None``."""
+    base = weight._base
+    assert base is not None
+    if base.dim() != 2 or weight.stride() != base.stride() or weight.shape[1] != base.shape[1]:
+        return None
+    offset = weight.storage_offset() - base.storage_offset()
+    return (id(base), offset // base.stride(0), weight.shape[0])
+
+
 @contextmanager
-def _functional_linear_capture(hooks: Mapping[int, Callable[[Tensor, Tensor], None]]) -> Iterator[None]:
-    """While active, every ``F.linear`` call whose weight is watched (by ``id``) also runs that
-    weight's hook with the call's input and output: the capture of a layer whose weight a parent
-    module uses through a functional call (``nn.MultiheadAttention``'s projections).
+def _functional_linear_capture(
+    hooks: Mapping[int | tuple[int, int, int], Callable[[Tensor, Tensor], None]],
+) -> Iterator[None]:
+    """While active, every ``F.linear`` call whose weight is watched (by ``id``, or as a row slice
+    of a watched parameter) also runs that weight's hook with the call's input and output: the
+    capture of a layer whose weight a parent module uses through a functional call
+    (``nn.MultiheadAttention``'s projections).
 
     ``F.multi_head_attention_forward`` looks ``linear`` up in ``torch.nn.functional`` at each
     call, so the wrapper is installed there for the phase and removed after it (the previous
@@ -253,6 +274,8 @@ def _functional_linear_capture(hooks: Mapping[int, Callable[[Tensor, Tensor], No
     def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         out = original(input, weight, bias)
         hook = hooks.get(id(weight))
+        if hook is None and weight._base is not None and weight.dim() == 2:
+            hook = hooks.get(_row_slice_key(weight))
         if hook is not None:
             hook(input, out)
         return out
@@ -328,7 +351,7 @@ class Capture:
 
             return hook
 
-        functional: dict[int, Callable[[Tensor, Tensor], None]] = {}
+        functional: dict[int | tuple[int, int, int], Callable[[Tensor, Tensor], None]] = {}
         unrolled: dict[int, tuple[nn.Module, dict[str, Callable[[Tensor, Tensor], None]]]] = {}
         own_forward: dict[int, Callable[..., object]] = {}  # an instance forward, put back
         for name, module in self.modules.items():
@@ -336,7 +359,7 @@ class Capture:
             block = self.blocks[name]
             if block is not None and block.functional:
                 # captured where its weight enters F.linear (the module itself is never called)
-                functional[id(block.weight)] = lambda a, out, hook=hook: hook(None, (a,), {}, out)
+                functional[block.functional_key] = lambda a, out, hook=hook: hook(None, (a,), {}, out)
             elif block is not None and block.unrolled:
                 # a recurrent layer's matrices: captured by running the module step by step
                 parts = unrolled.setdefault(id(module), (module, {}))[1]
