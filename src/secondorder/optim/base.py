@@ -210,6 +210,18 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             )
 
     @contextmanager
+    def _rng_restored_on_error(self) -> Iterator[None]:
+        """Lose nothing on a non-finite value: a ``FloatingPointError`` (``NonFiniteError``)
+        raised inside puts the optimizer's generator back where the step found it, so a retried
+        step draws the same sampled targets."""
+        rng = self.generator.get_state()
+        try:
+            yield
+        except FloatingPointError:
+            self.generator.set_state(rng)
+            raise
+
+    @contextmanager
     def _curvature_timer(self) -> Iterator[None]:
         start = time.perf_counter()
         try:

@@ -180,8 +180,7 @@ class BlockFisher(SecondOrderOptimizer):
     def _step(self, closure: Closure) -> Tensor:
         g = self.param_groups[0]
         warm = self.step_count == 0 and bool(self.module_state)  # step 0 after a warm start uses it as is
-        rng = self.generator.get_state()
-        try:
+        with self._rng_restored_on_error():
             result, _ = self._forward_backward(closure)
             batch: dict[str, Tensor] = {}
             if not warm:
@@ -189,9 +188,6 @@ class BlockFisher(SecondOrderOptimizer):
                     batch = self._batch_fisher(closure, result.outputs)
                 self.stats.forward_passes += 1
                 self.stats.backward_passes += 1
-        except FloatingPointError:
-            self.generator.set_state(rng)  # lose nothing: the sampled targets are drawn again
-            raise
 
         with torch.no_grad():
             with self._curvature_timer():

@@ -39,7 +39,6 @@ Implementation choices:
 from __future__ import annotations
 
 import enum
-import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -48,10 +47,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as D
-from ..capture import Closure, preserved_norm_buffers
+from ..capture import Closure
 from ..capture import hooks as C
 from ..linalg import (
-    LinAlgError,
     damped_inverse,
     damped_inverses,
     ema_gram_,
@@ -62,9 +60,7 @@ from ..linalg import (
 )
 from . import hparams as H
 from .base import MomentumStyle
-from .kronecker import Fallback, KroneckerFactoredOptimizer, LayerSpec, fallback_scale
-
-logger = logging.getLogger(__name__)
+from .kronecker import Fallback, InverseJob, KroneckerFactoredOptimizer, LayerSpec, fallback_scale
 
 
 class WeightSharing(str, enum.Enum):
@@ -250,13 +246,8 @@ class KFAC(KroneckerFactoredOptimizer):
         sums: dict[str, list[Tensor]] = {}
         count = 0
         with self._curvature_timer():
-            for closure in closures:
-                with preserved_norm_buffers(self.module), torch.enable_grad():
-                    with self.capture.record(inputs=True, outputs=True) as recs:
-                        result = closure.forward(sync=False)
-                    self._check_loss(result.loss)
-                    grads = self._sampled_or_true_grads(closure, result.outputs, result.loss, recs, False)
-                self.stats.warm_start_forward_passes += 1
+            for closure, result, recs in self._warm_start_passes(closures, backward=True):
+                grads = self._sampled_or_true_grads(closure, result.outputs, result.loss, recs, False)
                 self.stats.warm_start_backward_passes += 1
                 for name, (a, sa, g, sg) in self._factor_rows(closure, recs, grads).items():
                     if name in sums:
@@ -286,10 +277,8 @@ class KFAC(KroneckerFactoredOptimizer):
         t1, t2 = g["update_freq"], g["inverse_freq"]
         stats_due = k % t1 == 0
         inverse_due = k % t2 == 0 or (k <= t2 and stats_due)
-        rng = self.generator.get_state()
-
         sampled = stats_due and self.sampled_fisher
-        try:
+        with self._rng_restored_on_error():
             record = (
                 self.capture.record(inputs=True, outputs=sampled, output_grads=not sampled)
                 if stats_due
@@ -306,9 +295,6 @@ class KFAC(KroneckerFactoredOptimizer):
                         grads = {n: r.output_grads for n, r in recs.items()}
                     batch_stats = self._factor_rows(closure, recs, grads)
                     fishers = self._channel_fishers(closure, recs, grads)
-        except FloatingPointError:
-            self.generator.set_state(rng)  # lose nothing: the sampled targets are drawn again
-            raise
 
         with torch.no_grad():
             with self._curvature_timer():
@@ -320,51 +306,31 @@ class KFAC(KroneckerFactoredOptimizer):
         return result.loss.detach()
 
     def _update_inverses(self, damping: float, pi_mode: str) -> None:
-        """Algorithm 12 line 19, each layer on its owner rank, then broadcast."""
-        owners = D.assign_owners(
-            {
-                n: float(st["omega"].shape[0] ** 3 + st["gamma"].shape[0] ** 3)
-                if "omega" in st
-                else float(st["fisher"].numel() * st["fisher"].shape[-1])
-                for n, st in self.module_state.items()
-            }
-        )
-        me = D.rank()
+        """Algorithm 12 line 19 per layer (``(F_c + lam I)^-1`` per channel for a scale-and-shift
+        block), each on its owner rank, then broadcast; a failed inverse keeps the previous one."""
         root = math.sqrt(damping)
-        for name, st in self.module_state.items():
-            if "fisher" in st:  # a scale-and-shift block: (F_c + lam I)^-1 per channel
-                if owners[name] != me:
-                    st.setdefault("fisher_inv", torch.empty_like(st["fisher"]))
-                    continue
-                try:
-                    st["fisher_inv"] = damped_inverses(st["fisher"], damping)
-                except LinAlgError as err:
-                    if "fisher_inv" not in st:
-                        raise
-                    logger.warning(
-                        "%s: keeping the previous inverses of layer '%s': %s", self.method, name, err
-                    )
-                continue
-            if owners[name] != me:
-                st.setdefault("omega_inv", torch.empty_like(st["omega"]))
-                st.setdefault("gamma_inv", torch.empty_like(st["gamma"]))
-                continue
+
+        def kron(st: dict[str, Any]) -> dict[str, Any]:
             pi = pi_split(st["omega"], st["gamma"]) if pi_mode == PiSplit.TRACE.value else 1.0
-            try:
-                st["omega_inv"] = damped_inverse(st["omega"], pi * root)
-                st["gamma_inv"] = damped_inverse(st["gamma"], root / pi)
-            except LinAlgError as err:
-                if "omega_inv" not in st:
-                    raise
-                logger.warning("%s: keeping the previous inverses of layer '%s': %s", self.method, name, err)
-            st["pi"] = pi
-        D.broadcast_from_owners(
-            {
-                n: [st["fisher_inv"]] if "fisher" in st else [st["omega_inv"], st["gamma_inv"]]
-                for n, st in self.module_state.items()
-            },
-            owners,
-        )
+            return {
+                "omega_inv": damped_inverse(st["omega"], pi * root),
+                "gamma_inv": damped_inverse(st["gamma"], root / pi),
+                "pi": pi,
+            }
+
+        def channel(st: dict[str, Any]) -> dict[str, Any]:
+            return {"fisher_inv": damped_inverses(st["fisher"], damping)}
+
+        jobs: dict[str, InverseJob] = {}
+        for name, st in self.module_state.items():
+            if "fisher" in st:
+                f = st["fisher"]
+                jobs[name] = (float(f.numel() * f.shape[-1]), {"fisher_inv": f}, lambda st=st: channel(st))
+            else:
+                cost = float(st["omega"].shape[0] ** 3 + st["gamma"].shape[0] ** 3)
+                templates = {"omega_inv": st["omega"], "gamma_inv": st["gamma"]}
+                jobs[name] = (cost, templates, lambda st=st: kron(st))
+        self._refresh_on_owners(jobs)
 
     def _apply_step(self, g: dict[str, Any], diag_scale: float) -> None:
         """Lines 7-9: momentum, ``p = H_Gamma DW H_Omega``, decoupled weight decay.

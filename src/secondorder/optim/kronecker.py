@@ -27,13 +27,17 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .. import distributed as D
-from ..capture import Capture, Closure, LayerBlock, layer_blocks, unmodeled_modules
+from ..capture import Capture, Closure, LayerBlock, layer_blocks, preserved_norm_buffers, unmodeled_modules
+from ..capture.closure import ForwardResult
+from ..capture.hooks import LayerRecord
+from ..linalg import LinAlgError
 from . import hparams as H
 from .base import SecondOrderOptimizer
 
@@ -58,6 +62,10 @@ _COVERAGE = {Fallback.MOMENTUM.value: FALLBACK, Fallback.DIAGONAL.value: FALLBAC
 
 class UnmodeledParametersWarning(UserWarning):
     """Some trainable tensors have no layer block and follow the fallback (``fallback=``)."""
+
+
+#: one layer's inverse refresh: (cost, {state key: a tensor of its shape}, compute -> {key: value})
+InverseJob = tuple[float, dict[str, Tensor], Callable[[], dict[str, Any]]]
 
 
 def fallback_scale(closure: Closure) -> float:
@@ -214,6 +222,49 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
                     block_names = ", ".join(f"'{n}'" for n in parts[names[id(p)]])
                     out[names[id(p)]] = f"{type(b).__name__}({block_names})"
         return out
+
+    # ------------------------------------------------------------------ warm start, inverses
+    def _warm_start_passes(
+        self, closures: Iterable[Closure], *, backward: bool
+    ) -> Iterator[tuple[Closure, ForwardResult, dict[str, LayerRecord]]]:
+        """The warm-start loop (Algorithm 12 line 2, Algorithm 9 line 3): per closure one forward
+        pass recorded over the modeled layers, yielded with its records while its graph is alive
+        (``backward``: grad mode on, for a backward pass by the caller; else no graph). Batch-norm
+        running statistics are left unchanged; a non-finite loss raises before any state changes."""
+        for closure in closures:
+            with preserved_norm_buffers(self.module), torch.enable_grad() if backward else torch.no_grad():
+                with self.capture.record(inputs=True, outputs=True) as recs:
+                    result = closure.forward(sync=False)
+                self._check_loss(result.loss)
+                self.stats.warm_start_forward_passes += 1
+                yield closure, result, recs
+
+    def _refresh_on_owners(self, jobs: dict[str, InverseJob]) -> None:
+        """Refresh each layer's inverses on one rank and broadcast them (``distributed.assign_owners``
+        balances the ranks by each job's cost; one process owns every layer).
+
+        ``jobs``: layer -> ``(cost, templates, compute)``; ``compute()`` returns the new entries of
+        the layer's ``module_state`` (the tensors named in ``templates`` are broadcast). When it
+        raises :class:`~secondorder.linalg.LinAlgError` the layer keeps its previous inverses (a
+        warning is logged), or the error propagates when it has none yet.
+        """
+        owners = D.assign_owners({n: cost for n, (cost, _, _) in jobs.items()})
+        me = D.rank()
+        for name, (_, templates, compute) in jobs.items():
+            st = self.module_state[name]
+            if owners[name] != me:
+                for key, like in templates.items():
+                    st.setdefault(key, torch.empty_like(like))
+                continue
+            try:
+                st.update(compute())
+            except LinAlgError as err:
+                if any(key not in st for key in templates):
+                    raise
+                logger.warning("%s: keeping the previous inverses of layer '%s': %s", self.method, name, err)
+        D.broadcast_from_owners(
+            {n: [self.module_state[n][k] for k in t] for n, (_, t, _) in jobs.items()}, owners
+        )
 
     # ------------------------------------------------------------------ the fallback
     def _fallback_diagonal(self, p: Tensor, grad: Tensor, scale: float, g: dict[str, Any]) -> Tensor | None:

@@ -266,13 +266,9 @@ class LMOptimizer(SecondOrderOptimizer):
         group = self.param_groups[0]
         rule = self.rule
         lam = rule.damping(self.lm_damping)
-        rng = self.generator.get_state()
-        try:
+        with self._rng_restored_on_error():
             loss, direction, curvature = self._direction(closure, lam)
             self._check_tensors("direction", direction.values())
-        except FloatingPointError:
-            self.generator.set_state(rng)
-            raise
 
         with torch.no_grad():
             params = dict(self.named_params())

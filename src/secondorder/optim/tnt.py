@@ -218,9 +218,7 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
         warm = k == 0 and any("factors" in self.state[p] for p in by_name.values())
         stats_due = k % g["update_freq"] == 0 and not warm  # after a warm start, step 0 uses it as is
         sampled = stats_due and self.sampled_fisher
-        rng = self.generator.get_state()
-
-        try:
+        with self._rng_restored_on_error():
             result, _ = self._forward_backward(closure, retain_graph=sampled)
             batch_stats: dict[str, list[Tensor]] = {}
             if stats_due:
@@ -236,9 +234,6 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
                             if p.grad is not None
                         }
                     batch_stats = self._contractions(grads)
-        except FloatingPointError:
-            self.generator.set_state(rng)  # lose nothing: the sampled targets are drawn again
-            raise
 
         with torch.no_grad():
             with self._curvature_timer():

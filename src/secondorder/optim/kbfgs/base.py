@@ -137,12 +137,7 @@ class KBFGSBase(CurvatureUpdates, KroneckerFactoredOptimizer):
         locations: dict[str, int] = {}
         count = 0
         with self._curvature_timer():
-            for closure in closures:
-                with preserved_norm_buffers(self.module), torch.no_grad():
-                    with self.capture.record(inputs=True, outputs=True) as recs:
-                        result = closure.forward(sync=False)
-                    self._check_loss(result.loss)
-                self.stats.warm_start_forward_passes += 1
+            for closure, _, recs in self._warm_start_passes(closures, backward=False):
                 for name, block in self.blocks.items():
                     rec = recs[name]
                     a = block.input_gram(rec.inputs, batch_size=closure.batch_size)  # type: ignore[arg-type]
