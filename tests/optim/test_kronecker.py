@@ -198,3 +198,31 @@ def test_image_model_is_unchanged_by_an_empty_exclude():
         opt = build("kfac", model, **kw)
         runs.append([float(opt.step(so.Closure(model, x, y, nn.CrossEntropyLoss()))) for _ in range(3)])
     assert runs[0] == runs[1]
+
+
+class TiedLM(nn.Module):
+    """The output layer reuses the embedding's weight (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 8)
+        self.head = nn.Linear(8, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x))).flatten(0, 1)
+
+
+@pytest.mark.parametrize("key", KRONECKER)
+def test_tied_weights_are_refused_by_name_and_train_with_one_use_excluded(key):
+    with pytest.raises(
+        ValueError, match=r"'emb.weight' is used by the layers 'emb', 'head' \(tied.*exclude=\['head'\]"
+    ):
+        so.make_optimizer(key, TiedLM())
+    model = TiedLM()
+    opt = build(key, model, exclude=["head"], **({"lr": 0.01} if "kbfgs" in key else {}))
+    assert opt.coverage() == {"emb.weight": "EmbeddingBlock('emb')"}
+    x, y = lm_data()
+    losses = [float(opt.step(so.Closure(model, x, y, nn.CrossEntropyLoss()))) for _ in range(10)]
+    assert losses[-1] < losses[0]

@@ -185,3 +185,23 @@ def test_reduce_refuses_the_layers_of_a_sequence_first_transformer_layer_by_name
             so.KFAC(nn.TransformerEncoderLayer(8, 2, 16), weight_sharing="reduce")
         with pytest.raises(ValueError, match=r"\(self_attn.out_proj\);"):
             so.KFAC(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), weight_sharing="reduce")
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms", "group"])
+def test_reduce_fisher_equals_per_example_gradients_from_torch_func(kind):
+    """For per-example normalisations the reduce block is the exact per-example Fisher block:
+    ``F_c = (1/m) sum_n g_n g_n^T`` with ``g_n`` from ``torch.func.vmap(grad)``."""
+    net = Net(kind)
+    x, y = data(kind)
+    names = ["norm.weight"] + (["norm.bias"] if bias(net.norm) is not None else [])
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss_n(p, xn, yn):
+        return F.cross_entropy(torch.func.functional_call(net, p, (xn[None],)), yn[None])
+
+    per_example = torch.func.vmap(torch.func.grad(loss_n), in_dims=(None, 0, 0))(params, x, y)
+    g = torch.stack([per_example[k] for k in names], -1)  # (M, C, k)
+    fisher = torch.einsum("nci,ncj->cij", g, g) / M
+    opt = so.make_optimizer("kfac-ef", net, weight_sharing="reduce", inverse_freq=1)
+    opt.step(so.Closure(net, x, y, nn.CrossEntropyLoss()))
+    torch.testing.assert_close(opt.module_state["norm"]["fisher"], fisher)

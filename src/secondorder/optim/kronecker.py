@@ -122,7 +122,8 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
 
     Raises:
         ValueError: ``layers`` / ``exclude`` hold something else, or a name, pattern or type that
-            matches no layer a block models; ``model`` has no layer left to model.
+            matches no layer a block models; ``model`` has no layer left to model; a parameter is
+            used by two modeled layers (tied weights).
     """
 
     block_kinds: frozenset[str] = frozenset({"kronecker"})
@@ -141,6 +142,7 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         super().__init__(model, defaults, seed=seed)
         usable = {n: b for n, b in layer_blocks(self.module).items() if b.curvature in self.block_kinds}
         self.blocks = self._choose_blocks(usable, _specs("layers", layers), _specs("exclude", exclude))
+        self._refuse_tied_weights()
         self.layers = {name: b.module for name, b in self.blocks.items()}
         self.capture = Capture(self.blocks)
         modeled = {id(p) for b in self.blocks.values() for p in b.parameters()}
@@ -189,6 +191,24 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
                 "preconditions any tensor (tnt, shampoo, adam)"
             )
         return chosen
+
+    def _refuse_tied_weights(self) -> None:
+        """A parameter used by two modeled layers (tied weights: an embedding and the output
+        layer) would get two preconditioned updates per step: refused, naming the layers."""
+        names = {id(p): n for n, p in self.named_params()}
+        users: dict[int, dict[int, str]] = {}  # parameter -> module -> a layer name of it
+        for lname, b in self.blocks.items():
+            for p in b.parameters():
+                users.setdefault(id(p), {}).setdefault(id(b.module), lname[: len(lname) - len(b.part)])
+        for pid, mods in users.items():
+            if len(mods) > 1:
+                layers = ", ".join(f"'{n}'" for n in mods.values())
+                raise ValueError(
+                    f"model: the parameter '{names.get(pid, '?')}' is used by the layers {layers} "
+                    f"(tied weights); {self.method} models one layer's use of a weight: exclude all "
+                    f"but one of them (exclude=[{', '.join(repr(n) for n in list(mods.values())[1:])}]), "
+                    "and its factors precondition the whole gradient"
+                )
 
     def _warn_unmodeled(self) -> None:
         by_name = dict(self.named_params())
