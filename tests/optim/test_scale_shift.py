@@ -205,3 +205,22 @@ def test_reduce_fisher_equals_per_example_gradients_from_torch_func(kind):
     opt = so.make_optimizer("kfac-ef", net, weight_sharing="reduce", inverse_freq=1)
     opt.step(so.Closure(net, x, y, nn.CrossEntropyLoss()))
     torch.testing.assert_close(opt.module_state["norm"]["fisher"], fisher)
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+@pytest.mark.parametrize(
+    "norm,shape",
+    [
+        (nn.BatchNorm2d(3), (4, 3, 2, 5)),
+        (nn.LayerNorm(6, bias=False), (4, 7, 6)),
+        (nn.GroupNorm(1, 3), (4, 3, 5)),
+    ],
+)
+def test_the_fast_gradient_gram_is_the_sum_of_the_row_outer_products(norm, shape, per_example):
+    block = so.capture.blocks.block_for(norm.double())
+    g = torch.Generator().manual_seed(0)
+    a, dh = torch.randn(*shape, generator=g, dtype=F64), torch.randn(*shape, generator=g, dtype=F64)
+    u = block.gradient_rows(a, dh, shape[0], per_example=per_example)
+    torch.testing.assert_close(
+        block.gradient_gram(a, dh, shape[0], per_example=per_example), torch.einsum("rci,rcj->cij", u, u)
+    )

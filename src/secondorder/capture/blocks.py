@@ -664,6 +664,23 @@ class ScaleShiftBlock(LayerBlock):
             u = u.view(m, -1, *u.shape[1:]).sum(1)
         return u
 
+    def gradient_gram(
+        self, a: Tensor, dh: Tensor, batch_size: int | None = None, per_example: bool = False
+    ) -> Tensor:
+        """``sum_r u_r u_r^T`` per channel, ``(C, k, k)``, over the rows of :meth:`gradient_rows`,
+        from three column sums instead of the stacked rows (the fast form KFAC uses)."""
+        xhat = self.channel_rows(self.normalized(a).to(dh.dtype))
+        dy = self.channel_rows(dh)
+        g = dy * xhat  # dL/dgamma_c per row
+        if per_example:
+            m = g.shape[0] if batch_size is None else batch_size
+            g, dy = g.view(m, -1, self.channels).sum(1), dy.view(m, -1, self.channels).sum(1)
+        gg = torch.linalg.vecdot(g, g, dim=0)
+        if not self.has_bias:
+            return gg.view(-1, 1, 1)
+        gb, bb = torch.linalg.vecdot(g, dy, dim=0), torch.linalg.vecdot(dy, dy, dim=0)
+        return torch.stack([gg, gb, gb, bb], dim=-1).view(-1, 2, 2)
+
     def num_locations(self, h: Tensor, batch_size: int | None = None) -> int:
         return h.numel() // ((h.shape[0] if batch_size is None else batch_size) * self.channels)
 

@@ -199,8 +199,8 @@ class KFAC(KroneckerFactoredOptimizer):
             rec, dh = recs[name], grads[name]
             if dh is None or rec.inputs is None:
                 raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
-            u = block.gradient_rows(rec.inputs, dh, m, per_example=reduce)  # type: ignore[attr-defined]
-            out[name] = torch.einsum("rci,rcj->cij", u, u).mul_(factor * factor / m)
+            gram = block.gradient_gram(rec.inputs, dh, m, per_example=reduce)  # type: ignore[attr-defined]
+            out[name] = gram.mul_(factor * factor / m)
         self._check_tensors("curvature statistics", out.values())
         return out
 
