@@ -116,9 +116,31 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         """
         return {n: self.method for n, _ in self.named_params()}
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Torch's constructor adds the one group (every trainable parameter of the model); a
+        second group is refused: every method reads one set of hyper-parameters, so its
+        parameters would never be stepped.
+
+        Raises:
+            ValueError: when the optimizer already has its group.
+        """
+        if getattr(self, "param_groups", None):
+            raise ValueError(
+                f"param_group: {self.method} holds one parameter group (the model's trainable "
+                "parameters) with one set of hyper-parameters; a second group would never be "
+                "stepped. Freeze parameters (requires_grad=False) or exclude layers instead, or use "
+                "a torch.optim optimizer for per-group settings"
+            )
+        super().add_param_group(param_group)
+
     # ------------------------------------------------------------------ the step
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
         """One optimization step on the closure's minibatch; returns the minibatch loss (detached)."""
+        if len(self.param_groups) != 1:
+            raise ValueError(
+                f"param_groups: {self.method} steps one parameter group, found {len(self.param_groups)} "
+                "(a group appended by hand would never be stepped)"
+            )
         if closure is None:
             raise ValueError(f"{self.method}: step() needs a closure, e.g. so.Closure(model, x, y, loss_fn)")
         if self.needs_closure and not isinstance(closure, Closure):
@@ -258,7 +280,21 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     # -------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """All optimizer state keyed by parameter and module name (tensors are copies)."""
+        """All optimizer state keyed by parameter and module name (tensors are copies).
+
+        Torch's hooks run as for any optimizer: ``register_state_dict_pre_hook`` before, and
+        ``register_state_dict_post_hook`` (which may return a replacement) after.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state = self._state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
+        return state
+
+    def _state_dict(self) -> dict[str, Any]:
         groups = []
         for g in self.param_groups:
             entry = {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
@@ -281,7 +317,22 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Restore a :meth:`state_dict`; raises ``ValueError`` if it belongs to another method or model."""
+        """Restore a :meth:`state_dict`; raises ``ValueError`` if it belongs to another method or model.
+
+        Torch's hooks run as for any optimizer: ``register_load_state_dict_pre_hook`` (which may
+        return a replacement of the dict) before, ``register_load_state_dict_post_hook`` after.
+        """
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()  # shallow, as torch: a pre-hook may edit its copy
+            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = pre_hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
             raise ValueError("state_dict: not a secondorder optimizer state (missing or unknown 'format')")
         if state_dict.get("method") != self.method:

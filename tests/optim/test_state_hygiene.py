@@ -1,0 +1,62 @@
+"""State hygiene common to every method: one parameter group (a second is refused, never silently
+left unstepped), and torch's registered state-dict hooks run around state_dict / load_state_dict."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import secondorder as so
+from tests.helpers import TEST_HP, classification_data, tiny_mlp
+
+METHODS = so.implemented()
+
+
+def build(key: str, model: nn.Module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return so.make_optimizer(key, model, **TEST_HP[key])
+
+
+@pytest.mark.parametrize("key", METHODS)
+def test_a_second_parameter_group_is_refused_by_name(key):
+    model = tiny_mlp()
+    opt = build(key, model)
+    extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="param_group: .* one parameter group"):
+        opt.add_param_group({"params": [extra], "lr": 0.1})
+    assert len(opt.param_groups) == 1
+    opt.param_groups.append({"params": [extra], "lr": 0.1})  # bypassing add_param_group
+    x, y = classification_data(n=8)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="param_groups: .* found 2"):
+        opt.step(so.Closure(model, x, y, nn.CrossEntropyLoss()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("key", ["sgd", "adam", "kfac", "kbfgs", "tnt", "shampoo", "smw-ng", "hf"])
+def test_torch_state_dict_hooks_run(key):
+    model = tiny_mlp()
+    opt = build(key, model)
+    x, y = classification_data(n=8)
+    opt.step(so.Closure(model, x, y, nn.CrossEntropyLoss()))
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("save-pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "note": "mine"})
+    saved = opt.state_dict()
+    assert saved["note"] == "mine" and calls == ["save-pre"]
+
+    def halve_lr(o, sd):
+        sd["param_groups"] = [dict(g, lr=g["lr"] / 2) for g in sd["param_groups"]]
+        return sd
+
+    fresh = build(key, tiny_mlp(seed=3))
+    fresh.register_load_state_dict_pre_hook(halve_lr)
+    fresh.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"] / 2)
+    assert saved["param_groups"][0]["lr"] == opt.param_groups[0]["lr"]  # the caller's dict is untouched
+    assert calls == ["save-pre", "load-post"]
