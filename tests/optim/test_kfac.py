@@ -280,3 +280,50 @@ def test_kfac_needs_a_secondorder_closure():
         opt.step()
     with pytest.raises(ValueError, match="pi"):
         so.make_optimizer("kfac", model, pi="sqrt")
+
+
+# ------------------------------------------------------ a statistic that overflows is not stored
+def _huge_inputs():
+    """A float32 net whose first-layer inputs are 1e20 (h stays O(1)): the input Gram overflows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-20)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 5, generator=gen) * 1e20
+    return model, x, torch.randint(0, 3, (8,), generator=gen)
+
+
+@pytest.mark.parametrize("key", ["kfac", "kfac-ef"])
+def test_an_overflowed_factor_is_not_stored_and_training_goes_on(key, caplog):
+    model, x, y = _huge_inputs()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = so.make_optimizer(key, model, lr=0.0, inverse_freq=1)
+    opt.warm_start([so.Closure(model, x * 1e-20, y, loss_fn)])
+    opt.step(so.Closure(model, x * 1e-20, y, loss_fn))
+    before = {
+        n: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for n, st in opt.module_state.items()
+    }
+    with caplog.at_level("WARNING", logger="secondorder"):
+        opt.step(so.Closure(model, x, y, loss_fn))  # the Gram of layer 0's inputs is 1e40 > float32 max
+    assert all(torch.equal(opt.module_state["0"][k], v) for k, v in before["0"].items())
+    assert not torch.equal(opt.module_state["2"]["omega"], before["2"]["omega"])  # the others moved on
+    for st in opt.module_state.values():
+        assert all(bool(torch.isfinite(v).all()) for v in st.values() if torch.is_tensor(v))
+    assert opt.stats.diagnostics["skipped_statistics"] == {"0": 1}
+    assert any(
+        "'0'" in r.getMessage() and "previous statistics are kept" in r.getMessage() for r in caplog.records
+    )
+    opt.param_groups[0]["lr"] = 0.05
+    opt.step(so.Closure(model, x * 1e-20, y, loss_fn))  # training continues
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_overflow_with_no_previous_factors_raises_before_any_change():
+    model, x, y = _huge_inputs()
+    opt = so.make_optimizer("kfac-ef", model, lr=0.1)
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(so.NonFiniteError, match="no previous factors"):
+        opt.step(so.Closure(model, x, y, nn.CrossEntropyLoss()))
+    assert opt.module_state == {}
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))

@@ -364,3 +364,30 @@ def test_thesis_defaults():
     with pytest.raises(ValueError, match="max_factor_dim"):
         TNT(tiny_mlp(), max_factor_dim=0)
     assert math.isclose(TNT(tiny_mlp(), lr=0.5).param_groups[0]["lr"], 0.5)
+
+
+@pytest.mark.parametrize("key", ["tnt", "tnt-ef", "shampoo"])
+def test_an_overflowed_contraction_is_not_stored_and_training_goes_on(key, caplog):
+    """float32, first-layer inputs 1e20 (h stays O(1)): its weight gradient is ~1e20 and its
+    contractions overflow; the previous factors are kept, counted, logged, and the run goes on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-20)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=gen) * 1e20, torch.randint(0, 3, (8,), generator=gen)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = so.make_optimizer(key, model, lr=0.0)
+    opt.step(so.Closure(model, x * 1e-20, y, loss_fn))
+    w = model[0].weight
+    before = [f.clone() for f in opt.state[w]["factors"]]
+    with caplog.at_level("WARNING", logger="secondorder"):
+        opt.step(so.Closure(model, x, y, loss_fn))
+    assert all(torch.equal(a, b) for a, b in zip(opt.state[w]["factors"], before, strict=True))
+    assert opt.stats.diagnostics["skipped_statistics"] == {"0.weight": 1}
+    assert any("previous statistics are kept" in r.getMessage() for r in caplog.records)
+    for p in model.parameters():
+        assert all(bool(torch.isfinite(f).all()) for f in opt.state[p].get("factors", []))
+    opt.param_groups[0]["lr"] = 0.01
+    opt.step(so.Closure(model, x * 1e-20, y, loss_fn))
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -10,6 +10,7 @@ from .kron import (
     ema_gram_,
     gram,
     gram_,
+    gram_fits,
     kron_apply,
     pi_split,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "damped_eigh",
     "damped_inverse",
     "damped_inverses",
+    "gram_fits",
     "ema_gram_",
     "gram",
     "gram_",

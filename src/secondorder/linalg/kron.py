@@ -163,6 +163,18 @@ def damped_inverse(m: Tensor, damping: float) -> Tensor:
     return inv
 
 
+def gram_fits(rows: Tensor, scale: float = 1.0) -> bool:
+    """Whether ``scale * rows^T rows`` (and a moving average of it with a finite factor of the same
+    size) surely stays finite: ``n max|rows|^2 scale`` below a quarter of the dtype's largest
+    value. One reduction over the rows, much cheaper than the product; a ``False`` only means
+    "check the product" (the bound is loose)."""
+    if rows.numel() == 0:
+        return True
+    peak = float(torch.linalg.vector_norm(rows, float("inf")))
+    bound = rows.shape[0] * peak * peak * abs(scale)
+    return math.isfinite(bound) and bound < torch.finfo(rows.dtype).max / 4
+
+
 def damped_inverses(m: Tensor, damping: float) -> Tensor:
     """``(M_c + damping I)^-1`` for a batch ``(C, k, k)`` of small symmetric PSD blocks.
 

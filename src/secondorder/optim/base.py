@@ -231,6 +231,20 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 "parameters and optimizer state are unchanged"
             )
 
+    def _skip_statistics(self, layer: str, why: str) -> None:
+        """A batch statistic that is not finite (a float32 Gram that overflowed, say) is not
+        stored: the previous one is kept, the skip is counted in
+        ``stats.diagnostics["skipped_statistics"][layer]`` and logged, and the step goes on."""
+        counts = self.stats.diagnostics.setdefault("skipped_statistics", {})
+        counts[layer] = counts.get(layer, 0) + 1
+        logger.warning(
+            "%s: %s for '%s'; its previous statistics are kept (%d skipped so far)",
+            self.method,
+            why,
+            layer,
+            counts[layer],
+        )
+
     @contextmanager
     def _rng_restored_on_error(self) -> Iterator[None]:
         """Lose nothing on a non-finite value: a ``FloatingPointError`` (``NonFiniteError``)

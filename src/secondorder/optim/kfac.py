@@ -55,11 +55,13 @@ from ..linalg import (
     ema_gram_,
     gram,
     gram_,
+    gram_fits,
     kron_apply,
     pi_split,
 )
+from ..linalg.finite import all_finite
 from . import hparams as H
-from .base import MomentumStyle
+from .base import MomentumStyle, NonFiniteError
 from .kronecker import Fallback, InverseJob, KroneckerFactoredOptimizer, LayerSpec, fallback_scale
 
 
@@ -207,16 +209,47 @@ class KFAC(KroneckerFactoredOptimizer):
     def _accumulate_factors(
         self, rows: dict[str, tuple[Tensor, float, Tensor, float]], fishers: dict[str, Tensor], beta: float
     ) -> None:
-        """``X <- beta X + (1 - beta) X_batch`` in place (one GEMM per factor); first use initialises."""
+        """``X <- beta X + (1 - beta) X_batch`` in place (one GEMM per factor); first use initialises.
+
+        A layer whose batch factors are not finite (a float32 Gram that overflowed) keeps its
+        previous factors (:meth:`_skip_statistics`): where the rows could overflow the product
+        (:func:`~secondorder.linalg.gram_fits`), the batch factors are formed apart and checked
+        first. A layer with no previous factors raises :class:`NonFiniteError` instead, before
+        any factor changes.
+        """
+        checked: dict[str, tuple[Tensor, Tensor] | None] = {}  # formed apart; None: not finite
         for name, (a, sa, g, sg) in rows.items():
+            if not (gram_fits(a, sa) and gram_fits(g, sg)):
+                batch = (gram(a, sa), gram(g, sg))
+                checked[name] = batch if all_finite(list(batch)) else None
+        bad = [n for n, b in checked.items() if b is None] + [
+            n for n, f in fishers.items() if not all_finite([f])
+        ]
+        first = [n for n in bad if not self.module_state.get(n)]
+        if first:
+            raise NonFiniteError(
+                f"{self.method}: non-finite curvature statistics at step {self.step_count} for "
+                f"{', '.join(first)}, which have no previous factors to keep"
+            )
+        for name, (a, sa, g, sg) in rows.items():
+            if name in bad:
+                self._skip_statistics(name, "the Kronecker factors of the batch are not finite")
+                continue
             st = self.module_state.setdefault(name, {})
-            if "omega" not in st:
+            batch = checked.get(name)
+            if batch is not None:
+                for key, x in zip(("omega", "gamma"), batch, strict=True):
+                    st[key] = x if key not in st else st[key].mul_(beta).add_(x, alpha=1.0 - beta)
+            elif "omega" not in st:
                 st["omega"] = gram(a, sa)
                 st["gamma"] = gram(g, sg)
             else:
                 ema_gram_(st["omega"], a, beta, sa)
                 ema_gram_(st["gamma"], g, beta, sg)
         for name, f in fishers.items():
+            if name in bad:
+                self._skip_statistics(name, "the scale-and-shift Fisher of the batch is not finite")
+                continue
             st = self.module_state.setdefault(name, {})
             if "fisher" not in st:
                 st["fisher"] = f
@@ -263,6 +296,9 @@ class KFAC(KroneckerFactoredOptimizer):
                 count += 1
             if count:
                 D.all_reduce_mean([x for factors in sums.values() for x in factors])
+                self._check_tensors(
+                    "warm-start statistics", [x for factors in sums.values() for x in factors]
+                )
                 for name, factors in sums.items():
                     st = self.module_state.setdefault(name, {})
                     keys = ("omega", "gamma") if name in self.kron_blocks else ("fisher",)

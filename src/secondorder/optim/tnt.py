@@ -50,11 +50,12 @@ from torch import Tensor, nn
 
 from .. import distributed as D
 from ..capture import Closure, preserved_norm_buffers
+from ..linalg.finite import all_finite
 from ..linalg.kron import LinAlgError
 from ..linalg.roots import inverse_root
 from ..linalg.tensor import add_multi_mode_product_, contractions, multi_mode_product, tensor_normal_factors
 from . import hparams as H
-from .base import MomentumStyle, SecondOrderOptimizer
+from .base import MomentumStyle, NonFiniteError, SecondOrderOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,20 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
         for name, g in grads.items():
             view = self.views[name]
             out[name] = contractions(g.reshape(view.shape), view.diagonal)
-        self._check_tensors("curvature statistics", [c for cs in out.values() for c in cs])
+        # a contraction that overflowed (float32) is not stored: the previous factors are kept;
+        # a tensor without previous factors raises before any state changes
+        bad = [n for n, cs in out.items() if not all_finite(cs)]
+        if bad:
+            by_name = dict(self.named_params())
+            first = [n for n in bad if "factors" not in self.state[by_name[n]]]
+            if first:
+                raise NonFiniteError(
+                    f"{self.method}: non-finite curvature statistics at step {self.step_count} for "
+                    f"{', '.join(first)}, which have no previous factors to keep"
+                )
+            for n in bad:
+                self._skip_statistics(n, "the factor contractions of the batch are not finite")
+                del out[n]
         return out
 
     def _statistic_grads(
