@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from secondorder.linalg import LinAlgError, damped_eigh, damped_inverse, ema_gram_, gram, gram_
+from secondorder.linalg import (
+    LinAlgError,
+    damped_eigh,
+    damped_inverse,
+    damped_inverses,
+    ema_gram_,
+    gram,
+    gram_,
+    gram_fits,
+)
 from secondorder.linalg import kron as K
 
 
@@ -118,3 +127,29 @@ def test_blocked_gram_keeps_one_gemm_off_the_cpu_and_for_few_rows() -> None:
     assert K._symmetric_blocks(100, 1000, cpu) == 1
     assert K._symmetric_blocks(1000, K.SYMMETRIC_ROWS_MIN - 1, cpu) == 1
     assert K._symmetric_blocks(1000, 1000, torch.device("meta")) == 1
+
+
+def test_gram_fits_bounds_the_product_and_its_moving_average():
+    big = torch.full((4, 3), 1e19)  # 4 * 1e38 overflows float32
+    assert not gram_fits(big)
+    assert not torch.isfinite(big.t() @ big).all()
+    assert gram_fits(big, 1e-3)  # the scale keeps it below max/4
+    assert gram_fits(torch.randn(100, 5))
+    assert gram_fits(torch.randn(100, 5, dtype=torch.float64) * 1e100)  # float64 has room
+    assert not gram_fits(torch.tensor([[float("nan"), 1.0]]))
+    assert not gram_fits(torch.tensor([[-1e20]]))  # negative entries count too
+    assert gram_fits(torch.empty(0, 3))
+
+
+def test_damped_inverses_invert_each_block_and_fall_back_on_indefinite_ones():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, 5, generator=g, dtype=torch.float64)
+    m = x @ x.transpose(-1, -2)
+    eye = torch.eye(2, dtype=torch.float64)
+    torch.testing.assert_close(damped_inverses(m, 0.1), torch.linalg.inv(m + 0.1 * eye))
+    m[0] = torch.tensor([[1.0, 0.0], [0.0, -5.0]], dtype=torch.float64)  # round-off made it indefinite
+    inv = damped_inverses(m, 0.1)
+    torch.testing.assert_close(inv[0], torch.diag(torch.tensor([1 / 1.1, 1 / 0.1], dtype=torch.float64)))
+    torch.testing.assert_close(inv[1:], torch.linalg.inv(m[1:] + 0.1 * eye))
+    with pytest.raises(LinAlgError):
+        damped_inverses(m * float("nan"), 0.1)
