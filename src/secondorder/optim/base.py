@@ -134,15 +134,24 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ the step
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
-        """One optimization step on the closure's minibatch; returns the minibatch loss (detached)."""
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """One optimization step on the closure's minibatch; returns the minibatch loss (detached).
+
+        Methods with ``needs_closure = False`` (the first-order baselines) also take no closure,
+        as any ``torch.optim`` optimizer: they step on the gradients already in ``.grad`` (checked
+        for non-finite values first) and return ``None``.
+        """
         if len(self.param_groups) != 1:
             raise ValueError(
                 f"param_groups: {self.method} steps one parameter group, found {len(self.param_groups)} "
                 "(a group appended by hand would never be stepped)"
             )
-        if closure is None:
-            raise ValueError(f"{self.method}: step() needs a closure, e.g. so.Closure(model, x, y, loss_fn)")
+        if closure is None and self.needs_closure:
+            raise TypeError(
+                f"{self.method}: step() needs a so.Closure(model, x, y, loss_fn) (it runs extra passes "
+                "on the same batch); step() without a closure (after your own loss.backward()) works "
+                "for sgd, adam and rmsprop"
+            )
         if self.needs_closure and not isinstance(closure, Closure):
             raise TypeError(
                 f"{self.method}: step() needs a so.Closure (it runs extra passes on the same batch), "
@@ -189,8 +198,12 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self._check_grads()
         return result, recs
 
-    def _gradient_pass(self, closure: Any) -> Tensor:
-        """Pass 1: zero grads, forward, loss, backward; checks the loss and gradients."""
+    def _gradient_pass(self, closure: Any) -> Tensor | None:
+        """Pass 1: zero grads, forward, loss, backward; checks the loss and gradients. Without a
+        closure, only checks the gradients the caller's backward left in ``.grad`` (returns ``None``)."""
+        if closure is None:
+            self._check_grads()
+            return None
         if isinstance(closure, Closure):
             return self._forward_backward(closure)[0].loss.detach()
         self.zero_grad(set_to_none=True)

@@ -64,7 +64,7 @@ class SGD(SecondOrderOptimizer):
         )
         super().__init__(model, defaults)
 
-    def _step(self, closure: Any) -> Tensor:
+    def _step(self, closure: Any) -> Tensor | None:
         loss = self._gradient_pass(closure)
         g = self.param_groups[0]
         with torch.no_grad():
@@ -114,7 +114,7 @@ class Adam(SecondOrderOptimizer):
         )
         super().__init__(model, defaults)
 
-    def _step(self, closure: Any) -> Tensor:
+    def _step(self, closure: Any) -> Tensor | None:
         loss = self._gradient_pass(closure)
         g = self.param_groups[0]
         b1, b2, eps = g["momentum"], g["stat_decay"], g["damping"]
@@ -176,7 +176,7 @@ class RMSprop(SecondOrderOptimizer):
         )
         super().__init__(model, defaults)
 
-    def _step(self, closure: Any) -> Tensor:
+    def _step(self, closure: Any) -> Tensor | None:
         loss = self._gradient_pass(closure)
         g = self.param_groups[0]
         b1, b2, eps = g["momentum"], g["stat_decay"], g["damping"]
