@@ -60,3 +60,18 @@ def test_torch_state_dict_hooks_run(key):
     assert fresh.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"] / 2)
     assert saved["param_groups"][0]["lr"] == opt.param_groups[0]["lr"]  # the caller's dict is untouched
     assert calls == ["save-pre", "load-post"]
+
+
+WITHOUT_CLOSURE = {"sgd", "adam", "rmsprop", "tnt-ef", "shampoo"}
+
+
+@pytest.mark.parametrize("key", sorted(set(METHODS) - WITHOUT_CLOSURE))
+def test_methods_that_need_a_closure_say_which_forms_they_take(key):
+    model = tiny_mlp()
+    opt = build(key, model)
+    x, y = classification_data(n=8)
+    torch.nn.CrossEntropyLoss()(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"needs a so.Closure.*sgd, adam, rmsprop, tnt-ef and shampoo"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -391,3 +391,26 @@ def test_an_overflowed_contraction_is_not_stored_and_training_goes_on(key, caplo
     opt.param_groups[0]["lr"] = 0.01
     opt.step(so.Closure(model, x * 1e-20, y, loss_fn))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("key", ["tnt-ef", "shampoo"])
+def test_without_a_closure_the_steps_are_those_of_the_closure_form(key):
+    """Their statistics are contractions of the minibatch gradient: ``loss.backward(); opt.step()``
+    takes exactly the so.Closure form's steps (float64, batch-mean loss)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (24,), generator=g)
+    runs = []
+    for form in ("closure", "none"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        opt = so.make_optimizer(key, model, lr=0.05, update_freq=1, inverse_freq=2)
+        for i in range(3):
+            xb, yb = x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]
+            if form == "closure":
+                opt.step(so.Closure(model, xb, yb, nn.CrossEntropyLoss()))
+            else:
+                opt.zero_grad()
+                nn.CrossEntropyLoss()(model(xb), yb).backward()
+                assert opt.step() is None
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)

@@ -79,6 +79,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     method: ClassVar[str] = "base"
     #: whether ``step`` needs a ``so.Closure`` (True) or accepts any torch closure
     needs_closure: ClassVar[bool] = True
+    #: ``step()`` without a closure (the caller ran ``loss.backward()``) is supported: the method
+    #: needs nothing but the minibatch gradient in ``.grad``
+    steps_without_closure: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, defaults: dict[str, Any], *, seed: int | None = None):
         if not isinstance(model, nn.Module):
@@ -137,22 +140,23 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One optimization step on the closure's minibatch; returns the minibatch loss (detached).
 
-        Methods with ``needs_closure = False`` (the first-order baselines) also take no closure,
-        as any ``torch.optim`` optimizer: they step on the gradients already in ``.grad`` (checked
-        for non-finite values first) and return ``None``.
+        Methods with :attr:`steps_without_closure` (the first-order baselines, ``tnt-ef``,
+        ``shampoo``) also take no closure, as any ``torch.optim`` optimizer: they step on the
+        gradients already in ``.grad`` (checked for non-finite values first, and taken as a
+        minibatch mean) and return ``None``.
         """
         if len(self.param_groups) != 1:
             raise ValueError(
                 f"param_groups: {self.method} steps one parameter group, found {len(self.param_groups)} "
                 "(a group appended by hand would never be stepped)"
             )
-        if closure is None and self.needs_closure:
+        if closure is None and not self.steps_without_closure:
             raise TypeError(
                 f"{self.method}: step() needs a so.Closure(model, x, y, loss_fn) (it runs extra passes "
                 "on the same batch); step() without a closure (after your own loss.backward()) works "
-                "for sgd, adam and rmsprop"
+                "for sgd, adam, rmsprop, tnt-ef and shampoo"
             )
-        if self.needs_closure and not isinstance(closure, Closure):
+        if closure is not None and self.needs_closure and not isinstance(closure, Closure):
             raise TypeError(
                 f"{self.method}: step() needs a so.Closure (it runs extra passes on the same batch), "
                 f"got {type(closure).__name__}"

@@ -49,6 +49,7 @@ class SGD(SecondOrderOptimizer):
 
     method = "sgd"
     needs_closure = False
+    steps_without_closure = True
 
     def __init__(
         self,
@@ -91,6 +92,7 @@ class Adam(SecondOrderOptimizer):
 
     method = "adam"
     needs_closure = False
+    steps_without_closure = True
 
     def __init__(
         self,
@@ -153,6 +155,7 @@ class RMSprop(SecondOrderOptimizer):
 
     method = "rmsprop"
     needs_closure = False
+    steps_without_closure = True
 
     def __init__(
         self,

@@ -70,6 +70,7 @@ class Shampoo(TensorFactoredOptimizer):
 
     method = "shampoo"
     sampled_fisher = False
+    steps_without_closure = True  # its statistics are the minibatch gradient's contractions
 
     def __init__(
         self,

@@ -225,7 +225,7 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
     def _preconditioner(self, factors: list[Tensor], view: TensorView, damping: float) -> list[Tensor]:
         raise NotImplementedError
 
-    def _step(self, closure: Closure) -> Tensor:
+    def _step(self, closure: Closure | None) -> Tensor | None:
         g = self.param_groups[0]
         k = self.step_count
         by_name = dict(self.named_params())
@@ -233,15 +233,21 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
         stats_due = k % g["update_freq"] == 0 and not warm  # after a warm start, step 0 uses it as is
         sampled = stats_due and self.sampled_fisher
         with self._rng_restored_on_error():
-            result, _ = self._forward_backward(closure, retain_graph=sampled)
+            if closure is None:  # tnt-ef / shampoo after the caller's backward (checked gradients)
+                self._check_grads()
+                result = None
+            else:
+                result, _ = self._forward_backward(closure, retain_graph=sampled)
             batch_stats: dict[str, list[Tensor]] = {}
             if stats_due:
                 with self._curvature_timer(), torch.enable_grad():
                     if sampled:  # line 7: another backward with y sampled from the predictive distribution
+                        assert closure is not None and result is not None
                         grads = self._statistic_grads(closure, result.outputs, result.loss, retain=False)
                         self.stats.backward_passes += 1
-                    else:  # tnt-ef / shampoo: the minibatch gradient itself
-                        scale = closure.batch_factor / closure.batch_size
+                    else:  # tnt-ef / shampoo: the minibatch gradient itself (taken as a batch mean
+                        # without a closure, as any torch optimizer takes .grad)
+                        scale = 1.0 if closure is None else closure.batch_factor / closure.batch_size
                         grads = {
                             n: p.grad if scale == 1.0 else p.grad * scale
                             for n, p in by_name.items()
@@ -255,7 +261,7 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
                     self._update_factors(batch_stats, g["stat_decay"])
                 self._update_preconditioners(g["damping"], force=self._inverse_due(k, stats_due))
             self._apply_step(g)
-        return result.loss.detach()
+        return None if result is None else result.loss.detach()
 
     def _update_factors(self, batch_stats: dict[str, list[Tensor]], beta: float) -> None:
         """Line 12: ``G^^(i) <- beta G^^(i) + (1 - beta) G^(i)`` (a running mean for the first updates)."""
@@ -374,6 +380,7 @@ class TNTEF(TNT):
 
     method = "tnt-ef"
     sampled_fisher = False
+    steps_without_closure = True  # its statistics are the minibatch gradient's contractions
 
     def __init__(
         self,
