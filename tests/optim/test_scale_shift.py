@@ -224,3 +224,24 @@ def test_the_fast_gradient_gram_is_the_sum_of_the_row_outer_products(norm, shape
     torch.testing.assert_close(
         block.gradient_gram(a, dh, shape[0], per_example=per_example), torch.einsum("rci,rcj->cij", u, u)
     )
+
+
+def test_an_overflowed_channel_fisher_is_not_stored_and_training_goes_on(caplog):
+    """float32, a head whose weights are ~1e21: the LayerNorm's output gradients are ~1e20, so
+    ``sum u u^T`` overflows while every captured tensor is finite; the previous block is kept."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    x, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    opt = so.make_optimizer("kfac-ef", net, lr=0.0, inverse_freq=1)
+    opt.step(so.Closure(net, x, y, nn.CrossEntropyLoss()))
+    before = opt.module_state["1"]["fisher"].clone()
+    with torch.no_grad():
+        net[2].weight.mul_(1e21)
+    with caplog.at_level("WARNING", logger="secondorder"):
+        opt.step(so.Closure(net, x, y, nn.CrossEntropyLoss()))
+    assert torch.equal(opt.module_state["1"]["fisher"], before)
+    assert opt.stats.diagnostics["skipped_statistics"] == {"0": 1, "1": 1}  # its input layer's Gamma too
+    assert any("scale-and-shift Fisher" in r.getMessage() for r in caplog.records)
+    assert all(
+        torch.isfinite(v).all() for st in opt.module_state.values() for v in st.values() if torch.is_tensor(v)
+    )

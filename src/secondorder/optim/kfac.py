@@ -192,7 +192,10 @@ class KFAC(KroneckerFactoredOptimizer):
     ) -> dict[str, Tensor]:
         """Per scale-and-shift block, ``F_c = (1/m) sum_r u_{r,c} u_{r,c}^T`` (``(C, k, k)``) with
         ``u = factor * dL/d(gamma_c, beta_c)`` of each row ``r``: each example and location
-        (``expand``), or each example (``reduce``: its exact per-example Fisher block)."""
+        (``expand``), or each example (``reduce``: its exact per-example Fisher block). This
+        block's form of Algorithm 12 line 14. The captured tensors are checked here (a non-finite
+        one raises before any state changes); a product that overflows is left to
+        :meth:`_accumulate_factors`, which keeps the previous block."""
         m = closure.batch_size
         factor = closure.batch_factor
         reduce = self.param_groups[0]["weight_sharing"] == WeightSharing.REDUCE.value
@@ -201,9 +204,9 @@ class KFAC(KroneckerFactoredOptimizer):
             rec, dh = recs[name], grads[name]
             if dh is None or rec.inputs is None:
                 raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
+            self._check_tensors("curvature statistics", [rec.inputs, dh])
             gram = block.gradient_gram(rec.inputs, dh, m, per_example=reduce)  # type: ignore[attr-defined]
             out[name] = gram.mul_(factor * factor / m)
-        self._check_tensors("curvature statistics", out.values())
         return out
 
     def _accumulate_factors(
