@@ -65,6 +65,10 @@ def test_torch_state_dict_hooks_run(key):
 WITHOUT_CLOSURE = {"sgd", "adam", "rmsprop", "tnt-ef", "shampoo"}
 
 
+def test_the_registry_lists_the_methods_that_step_without_a_closure():
+    assert set(so.optim.registry.steps_without_closure()) == WITHOUT_CLOSURE
+
+
 @pytest.mark.parametrize("key", sorted(set(METHODS) - WITHOUT_CLOSURE))
 def test_methods_that_need_a_closure_say_which_forms_they_take(key):
     model = tiny_mlp()

@@ -612,7 +612,9 @@ class MultiheadAttentionBlock(LayerBlock):
 class ScaleShiftBlock(LayerBlock):
     """The affine parameters of a normalisation layer: ``y = gamma * xhat + beta`` per channel ``c``.
 
-    Not a Kronecker view (:attr:`curvature` ``"channel"``): each channel's ``(gamma_c, beta_c)``
+    Not a Kronecker view (:attr:`curvature` ``"channel"``; used by KFAC, Algorithm 12, in place of
+    ``Omega (x) Gamma``, which for a 2-vector input and a scalar output would only approximate
+    this 2 x 2 block at the same cost): each channel's ``(gamma_c, beta_c)``
     (or ``gamma_c`` alone without a bias) gets its own dense ``k x k`` block (``k`` = 2 or 1) of the
     Fisher, built from the exact per-row gradients ``u = dL/dy_c * [xhat_c, 1]`` that
     :meth:`gradient_rows` returns: one row per example and location (``expand``) or per example
@@ -754,7 +756,8 @@ class RecurrentBlock(LayerBlock):
     """``nn.LSTM``, ``nn.GRU`` and ``nn.RNN``: each weight matrix is a Linear map applied at every
     time step, one block per matrix (:class:`RecurrentPartBlock`, named ``rnn[ih_l0]``,
     ``rnn[hh_l0]``, ``rnn[ih_l0_reverse]``, ...), each step a location (``expand``): the
-    independence-across-time approximation of Martens, Ba and Johnson (ICLR 2018).
+    independence-across-time approximation of Martens, Ba and Johnson (ICLR 2018), under which
+    each part is an FC layer of Algorithm 12 (KFAC) and Algorithm 9 (K-BFGS) with ``|T|`` = steps.
 
     The fused kernel never exposes the gates, so while a pass is recorded the module runs
     :func:`unrolled_rnn`, the same recurrence written step by step (equal to round-off), which
@@ -789,10 +792,11 @@ class RecurrentBlock(LayerBlock):
         ]
         return [RecurrentPartBlock(m, kind + s) for s in sfx for kind in ("ih", "hh")]
 
-    def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:  # the parts are modeled
+    def input_rows(self, a: Tensor, bias: bool | None = None) -> Tensor:
         raise NotImplementedError("a recurrent layer is modeled through its parts (split())")
 
-    output_rows = input_rows  # type: ignore[assignment]
+    def output_rows(self, h: Tensor) -> Tensor:
+        raise NotImplementedError("a recurrent layer is modeled through its parts (split())")
 
 
 class RecurrentPartBlock(LayerBlock):

@@ -270,11 +270,12 @@ def _functional_linear_capture(
     Python functional, and switching it back on dispatches that functional again.)
     """
     original = F.linear
+    slices = any(isinstance(key, tuple) for key in hooks)  # row-slice keys only when watched
 
     def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         out = original(input, weight, bias)
         hook = hooks.get(id(weight))
-        if hook is None and weight._base is not None and weight.dim() == 2:
+        if hook is None and slices and weight._base is not None and weight.dim() == 2:
             hook = hooks.get(_row_slice_key(weight))
         if hook is not None:
             hook(input, out)

@@ -151,10 +151,13 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 "(a group appended by hand would never be stepped)"
             )
         if closure is None and not self.steps_without_closure:
+            from .registry import steps_without_closure  # the registry imports every method
+
+            keys = steps_without_closure()
             raise TypeError(
                 f"{self.method}: step() needs a so.Closure(model, x, y, loss_fn) (it runs extra passes "
                 "on the same batch); step() without a closure (after your own loss.backward()) works "
-                "for sgd, adam, rmsprop, tnt-ef and shampoo"
+                f"for {', '.join(keys[:-1])} and {keys[-1]}"
             )
         if closure is not None and self.needs_closure and not isinstance(closure, Closure):
             raise TypeError(

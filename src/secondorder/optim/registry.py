@@ -87,3 +87,8 @@ def make_optimizer(name: str, model: nn.Module, **hp: Any) -> SecondOrderOptimiz
             f"{name}: unknown hyper-parameter(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
         )
     return cls(model, **hp)
+
+
+def steps_without_closure() -> list[str]:
+    """Factory keys whose ``step()`` also takes no closure (``loss.backward(); opt.step()``)."""
+    return [name for name in implemented() if optimizer_class(name).steps_without_closure]
