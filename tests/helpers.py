@@ -96,3 +96,16 @@ def per_example_param_grads(
         return per_example_loss(out, yi.unsqueeze(0)).sum()
 
     return torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+
+
+def huge_input_net() -> tuple[nn.Sequential, Tensor, Tensor]:
+    """A float32 net whose first-layer inputs are 1e20 and weights 1e-20 (its pre-activations
+    stay O(1)): the Gram of those inputs, ``1e40``, overflows float32 while every captured tensor
+    and gradient is finite. Returns ``(model, x, y)``; ``x * 1e-20`` is an ordinary batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-20)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 5, generator=gen) * 1e20
+    return model, x, torch.randint(0, 3, (8,), generator=gen)

@@ -148,26 +148,6 @@ def test_momentum_zero_is_plain_sgd():
             torch.testing.assert_close(after[n], before[n] - lr * g[n])
 
 
-@pytest.mark.parametrize("key", ["sgd", "adam", "rmsprop"])
-def test_without_a_closure_the_baselines_step_on_the_callers_gradients(key):
-    """``loss.backward(); opt.step()`` takes exactly the steps of the so.Closure form (float64)."""
-    x, y = classification_data(n=24)
-    runs = []
-    for form in ("closure", "none"):
-        model = tiny_mlp()
-        opt = so.make_optimizer(key, model, lr=0.05)
-        for i in range(3):
-            xb, yb = x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]
-            if form == "closure":
-                opt.step(so.Closure(model, xb, yb, nn.CrossEntropyLoss()))
-            else:
-                opt.zero_grad()
-                nn.CrossEntropyLoss()(model(xb), yb).backward()
-                assert opt.step() is None
-        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
-
-
 def test_without_a_closure_a_non_finite_gradient_raises_before_any_change():
     model = tiny_mlp()
     opt = so.make_optimizer("adam", model)

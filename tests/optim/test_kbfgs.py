@@ -23,7 +23,7 @@ import secondorder as so
 from secondorder.capture import statistics as S
 from secondorder.linalg import lbfgs as LB
 from secondorder.optim import kbfgs as K
-from tests.helpers import tiny_conv_bn
+from tests.helpers import huge_input_net, tiny_conv_bn
 from tests.optim.test_common import _assert_same_state
 
 F64 = torch.float64
@@ -673,14 +673,8 @@ def test_uninformative_is_relative_to_the_gradient_magnitudes():
 
 # ------------------------------------------------------ a failed update keeps the state
 def _huge_input_step(name: str, **hp):
-    """A float32 net whose first-layer inputs are 1e20 (h stays O(1)): the input Gram overflows."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
-    with torch.no_grad():
-        model[0].weight.mul_(1e-20)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 5, generator=gen) * 1e20
-    y = torch.randint(0, 3, (8,), generator=gen)
+    """One step on :func:`tests.helpers.huge_input_net`'s batch: the input Gram overflows."""
+    model, x, y = huge_input_net()
     opt = so.make_optimizer(name, model, lr=0.0, **hp)  # lr 0: the parameters stay finite
     loss_fn = nn.CrossEntropyLoss()
     opt.warm_start([so.Closure(model, x * 1e-20, y, loss_fn)])

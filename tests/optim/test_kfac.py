@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import secondorder as so
-from tests.helpers import classification_data, image_data, tiny_conv_bn
+from tests.helpers import classification_data, huge_input_net, image_data, tiny_conv_bn
 
 LR, LAM = 0.1, 0.5
 ORACLE_HP = dict(
@@ -283,20 +283,9 @@ def test_kfac_needs_a_secondorder_closure():
 
 
 # ------------------------------------------------------ a statistic that overflows is not stored
-def _huge_inputs():
-    """A float32 net whose first-layer inputs are 1e20 (h stays O(1)): the input Gram overflows."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
-    with torch.no_grad():
-        model[0].weight.mul_(1e-20)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 5, generator=gen) * 1e20
-    return model, x, torch.randint(0, 3, (8,), generator=gen)
-
-
 @pytest.mark.parametrize("key", ["kfac", "kfac-ef"])
 def test_an_overflowed_factor_is_not_stored_and_training_goes_on(key, caplog):
-    model, x, y = _huge_inputs()
+    model, x, y = huge_input_net()
     loss_fn = nn.CrossEntropyLoss()
     opt = so.make_optimizer(key, model, lr=0.0, inverse_freq=1)
     opt.warm_start([so.Closure(model, x * 1e-20, y, loss_fn)])
@@ -320,7 +309,7 @@ def test_an_overflowed_factor_is_not_stored_and_training_goes_on(key, caplog):
 
 
 def test_an_overflow_with_no_previous_factors_raises_before_any_change():
-    model, x, y = _huge_inputs()
+    model, x, y = huge_input_net()
     opt = so.make_optimizer("kfac-ef", model, lr=0.1)
     params = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(so.NonFiniteError, match="no previous factors"):

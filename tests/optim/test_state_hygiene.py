@@ -79,3 +79,25 @@ def test_methods_that_need_a_closure_say_which_forms_they_take(key):
     with pytest.raises(TypeError, match=r"needs a so.Closure.*sgd, adam, rmsprop, tnt-ef and shampoo"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("key", sorted(WITHOUT_CLOSURE))
+def test_without_a_closure_the_steps_are_those_of_the_closure_form(key):
+    """``loss.backward(); opt.step()`` takes exactly the so.Closure form's steps (float64,
+    batch-mean loss): the baselines step on the gradient, tnt-ef and shampoo also take their
+    statistics from it."""
+    x, y = classification_data(n=24)
+    runs = []
+    for form in ("closure", "none"):
+        model = tiny_mlp()
+        opt = build(key, model)
+        for i in range(3):
+            xb, yb = x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]
+            if form == "closure":
+                opt.step(so.Closure(model, xb, yb, nn.CrossEntropyLoss()))
+            else:
+                opt.zero_grad()
+                nn.CrossEntropyLoss()(model(xb), yb).backward()
+                assert opt.step() is None
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)

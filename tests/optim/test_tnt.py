@@ -15,7 +15,7 @@ import secondorder as so
 from secondorder.linalg.kron import LinAlgError
 from secondorder.optim import tnt as tnt_module
 from secondorder.optim.tnt import TNT, parameter_views, tensor_view
-from tests.helpers import classification_data, image_data, tiny_mlp
+from tests.helpers import classification_data, huge_input_net, image_data, tiny_mlp
 
 LR, EPS = 0.1, 0.05
 ORACLE_HP = dict(
@@ -370,12 +370,7 @@ def test_thesis_defaults():
 def test_an_overflowed_contraction_is_not_stored_and_training_goes_on(key, caplog):
     """float32, first-layer inputs 1e20 (h stays O(1)): its weight gradient is ~1e20 and its
     contractions overflow; the previous factors are kept, counted, logged, and the run goes on."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
-    with torch.no_grad():
-        model[0].weight.mul_(1e-20)
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 5, generator=gen) * 1e20, torch.randint(0, 3, (8,), generator=gen)
+    model, x, y = huge_input_net()
     loss_fn = nn.CrossEntropyLoss()
     opt = so.make_optimizer(key, model, lr=0.0)
     opt.step(so.Closure(model, x * 1e-20, y, loss_fn))
@@ -391,26 +386,3 @@ def test_an_overflowed_contraction_is_not_stored_and_training_goes_on(key, caplo
     opt.param_groups[0]["lr"] = 0.01
     opt.step(so.Closure(model, x * 1e-20, y, loss_fn))
     assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-@pytest.mark.parametrize("key", ["tnt-ef", "shampoo"])
-def test_without_a_closure_the_steps_are_those_of_the_closure_form(key):
-    """Their statistics are contractions of the minibatch gradient: ``loss.backward(); opt.step()``
-    takes exactly the so.Closure form's steps (float64, batch-mean loss)."""
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(24, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (24,), generator=g)
-    runs = []
-    for form in ("closure", "none"):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-        opt = so.make_optimizer(key, model, lr=0.05, update_freq=1, inverse_freq=2)
-        for i in range(3):
-            xb, yb = x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]
-            if form == "closure":
-                opt.step(so.Closure(model, xb, yb, nn.CrossEntropyLoss()))
-            else:
-                opt.zero_grad()
-                nn.CrossEntropyLoss()(model(xb), yb).backward()
-                assert opt.step() is None
-        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
