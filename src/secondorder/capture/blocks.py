@@ -980,11 +980,12 @@ _BUILT_IN: dict[type[nn.Module], type[LayerBlock]] = {
     nn.modules.batchnorm._BatchNorm: BatchNormBlock,
     nn.GroupNorm: GroupNormBlock,
     nn.LayerNorm: LayerNormBlock,
-    nn.RMSNorm: RMSNormBlock,
     nn.LSTM: RecurrentBlock,
     nn.GRU: RecurrentBlock,
     nn.RNN: RecurrentBlock,
 }
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4; the project accepts torch >= 2.1
+    _BUILT_IN[nn.RMSNorm] = RMSNormBlock
 _REGISTRY.update(_BUILT_IN)
 
 BlockT = TypeVar("BlockT", bound=type[LayerBlock])
