@@ -41,7 +41,13 @@ DETERMINISTIC = [
         "hf",
     )
     if n in so.implemented()
-] + ["kbfgs+diagonal"]  # K-BFGS with a Linear left to the diagonal fallback
+] + [
+    "kbfgs+diagonal",  # K-BFGS with a Linear left to the diagonal fallback
+    # plain torch closures (loss_fn= at construction) on the DDP-wrapped model
+    "kfac-ef+plain",
+    "kbfgs+plain",
+    "smw-gn+plain",
+]
 
 #: chapter-5 methods: the curvature subsample S2 is the whole batch, so the union of the ranks'
 #: S2 is the one process's S2
@@ -49,6 +55,8 @@ LM_METHODS = {"smw-ng", "smw-ng-bd", "smw-gn", "hf"}
 
 
 def _hparams(name):
+    if name.endswith("+plain"):
+        return dict(_hparams(name.split("+")[0]), loss_fn=nn.CrossEntropyLoss())
     if name.endswith("+diagonal"):  # v from the all-reduced gradient and the global batch size
         return dict(TEST_HP[name.split("+")[0]], exclude=["2"], fallback="diagonal")
     hp = dict(TEST_HP[name])
@@ -60,11 +68,22 @@ def _hparams(name):
 
 
 def _train(name, model, batches, warm):
-    opt = so.make_optimizer(name.split("+")[0], model, **_hparams(name))
-    loss_fn = nn.CrossEntropyLoss()
+    hp = _hparams(name)
+    opt = so.make_optimizer(name.split("+")[0], model, **hp)
+    loss_fn = hp.get("loss_fn", nn.CrossEntropyLoss())
     opt.warm_start([so.Closure(model, x, y, loss_fn) for x, y in warm])
     for x, y in batches:
-        opt.step(so.Closure(model, x, y, loss_fn))
+        if name.endswith("+plain"):  # the loop of a Lightning user
+
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        else:
+            opt.step(so.Closure(model, x, y, loss_fn))
     return opt
 
 

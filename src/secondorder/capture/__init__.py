@@ -2,7 +2,7 @@
 
 from . import blocks, losses, statistics
 from .blocks import LayerBlock, register_layer, unregister_layer
-from .closure import Closure, ForwardResult, preserved_norm_buffers
+from .closure import Closure, ForwardResult, PlainClosure, preserved_norm_buffers
 from .hooks import (
     Capture,
     HookNeverFiredError,
@@ -31,6 +31,7 @@ __all__ = [
     "HookNeverFiredError",
     "LayerRecord",
     "LayerBlock",
+    "PlainClosure",
     "Likelihood",
     "grad_matrix",
     "infer_likelihood",

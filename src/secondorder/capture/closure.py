@@ -16,6 +16,10 @@ user, runs the extra passes it needs:
   no parameter gradient is accumulated, triggers no DDP all-reduce;
 * :meth:`loss_at` / :meth:`functional` -- re-evaluation on the same batch, and
   ``torch.func.functional_call`` access for JVP/VJP and per-example Jacobians.
+
+A plain torch closure (``def closure(): opt.zero_grad(); loss = loss_fn(model(x), y);
+loss.backward(); return loss``, as PyTorch Lightning and hand-written loops pass) is seen through
+the same interface by :class:`PlainClosure`, given the loss module the closure calls.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -170,6 +175,191 @@ class Closure:
             else:
                 outputs = self.functional()(params, self.inputs)
             return self.loss_fn(outputs, self.targets)
+
+
+class _LossWithGradient(torch.autograd.Function):
+    """The closure's loss value, whose gradient flows to ``inner`` (a scalar whose gradient is the
+    loss's): the loss of a :class:`PlainClosure` pass, differentiable through the model's graph."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, inner: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.inner_dtype = inner.dtype
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
+        return None, grad.to(ctx.inner_dtype)
+
+
+@dataclass
+class _Evaluation:
+    """What one call of a plain closure showed: its loss and where the loss came from."""
+
+    value: Tensor  # the loss the closure returned (detached)
+    outputs: Tensor  # the input of loss_fn, attached to the model's graph
+    output_grad: Tensor | None  # dL/d(outputs)
+    direct: list[tuple[Tensor, Tensor]]  # (parameter, dL/dparameter) not through the outputs
+
+
+class PlainClosure(Closure):
+    """A plain torch closure seen through :class:`Closure`'s interface.
+
+    ``fn`` follows the torch contract (zero the gradients, forward, loss, backward, return the
+    loss) and computes its loss with ``loss_fn``, the loss module given here (the optimizer's
+    ``loss_fn=``). While ``fn`` runs, two hooks watch it: one on the (unwrapped) model records its
+    inputs; one on ``loss_fn`` records the outputs and the targets it is called with, and hands
+    ``loss_fn`` a detached copy of the outputs, so that the closure's own ``backward()`` stops at
+    the outputs (it costs nothing through the model). :meth:`forward` then returns the outputs,
+    still attached to the model's graph, and a loss with the closure's value whose gradient is the
+    closure's gradient (through the outputs, plus any term the closure adds on the parameters
+    directly, a penalty say). So a method runs its passes exactly as on a :class:`Closure`: the
+    same forward, the same backward, the same sampled targets; :meth:`loss_at` at other parameters
+    evaluates ``fn`` again with those parameters in the model. ``.grad`` is left as ``fn`` found it.
+
+    Args:
+        fn: the closure.
+        model: the model it calls (possibly DDP-wrapped).
+        loss_fn: the loss module instance the closure calls, once per call on the model's outputs
+            (a supported loss: :func:`~secondorder.capture.likelihood.infer_likelihood`).
+
+    Raises:
+        ValueError: (from :meth:`forward`) the closure did not call ``loss_fn`` on outputs that
+            require grad exactly once, or did not call the model; or returned no loss.
+    """
+
+    def __init__(self, fn: Callable[[], Any], model: nn.Module, loss_fn: nn.Module):
+        if not callable(fn):
+            raise TypeError(f"closure must be callable, got {type(fn).__name__}")
+        if not isinstance(loss_fn, nn.Module):
+            raise TypeError(f"loss_fn must be a loss module, got {type(loss_fn).__name__}")
+        self.fn = fn
+        self.model = model
+        self.loss_fn = loss_fn
+        self.inputs: Tensor | tuple[Tensor, ...] = ()
+        self.targets: Tensor = torch.empty(0)
+        self._kwargs: dict[str, Any] = {}
+        self._likelihood = infer_likelihood(loss_fn)
+        self._likelihood_error = None
+        self._seen = False
+
+    def __call__(self) -> Tensor:
+        return self.fn()
+
+    @property
+    def batch_size(self) -> int:
+        if not self._seen:
+            raise RuntimeError("PlainClosure: the batch is known once the closure has been evaluated")
+        return super().batch_size
+
+    def _evaluate(self) -> _Evaluation:
+        """Call ``fn`` under the two hooks; ``.grad`` of every parameter is restored afterwards."""
+        module = unwrap(self.model)
+        params = [p for p in module.parameters() if p.requires_grad]
+        saved = [p.grad for p in params]
+        calls: list[tuple[Tensor, Tensor, Any]] = []  # (outputs, detached copy, targets)
+        model_calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+        def on_model(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            model_calls.append((args, kwargs))
+
+        def on_loss(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            args, kwargs = list(args), dict(kwargs)
+            outputs = args[0] if args else kwargs.get("input")
+            if not isinstance(outputs, Tensor) or not outputs.requires_grad:
+                return None  # a metric under no_grad, say: not the training loss
+            targets = args[1] if len(args) > 1 else kwargs.get("target")
+            copy = outputs.detach().requires_grad_(True)
+            calls.append((outputs, copy, targets))
+            if args:
+                args[0] = copy
+            else:
+                kwargs["input"] = copy
+            return tuple(args), kwargs
+
+        for p in params:
+            p.grad = None
+        handles = [
+            module.register_forward_pre_hook(on_model, with_kwargs=True),
+            self.loss_fn.register_forward_pre_hook(on_loss, with_kwargs=True),
+        ]
+        try:
+            with torch.enable_grad():
+                value = self.fn()
+            if len(calls) != 1 or not model_calls:
+                raise ValueError(
+                    f"closure: it called the model {len(model_calls)} times and the optimizer's "
+                    f"loss_fn ({type(self.loss_fn).__name__}) {len(calls)} times on outputs that "
+                    "require grad; a plain closure must call that loss_fn instance once on the "
+                    "model's outputs (or pass a so.Closure)"
+                )
+            outputs, copy, targets = calls[0]
+            if value is None:
+                raise ValueError("closure: returned None; a closure returns its loss")
+            value = value if isinstance(value, Tensor) else torch.as_tensor(value)
+            output_grad = copy.grad
+            direct = [(p, p.grad) for p in params if p.grad is not None]
+            if output_grad is None and value.requires_grad:  # the closure did not call backward
+                grads = torch.autograd.grad(value, [copy, *params], allow_unused=True)
+                output_grad = grads[0]
+                direct = [(p, g) for p, g in zip(params, grads[1:], strict=True) if g is not None]
+        finally:
+            for h in handles:
+                h.remove()
+            for p, g in zip(params, saved, strict=True):
+                p.grad = g
+        self.inputs, self._kwargs = model_calls[0]
+        self.inputs = tuple(self.inputs) if len(self.inputs) != 1 else self.inputs[0]
+        self.targets = targets
+        self._seen = True
+        return _Evaluation(value.detach(), outputs, output_grad, direct)
+
+    def forward(self, *, sync: bool = True) -> ForwardResult:
+        """One call of ``fn``: its outputs (attached) and its loss, differentiable through the model."""
+        ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if not sync and isinstance(self.model, nn.parallel.DistributedDataParallel):
+            ctx = self.model.no_sync()
+        with ctx:
+            ev = self._evaluate()
+            terms = [(ev.outputs * ev.output_grad).sum()] if ev.output_grad is not None else []
+            terms += [(p * g).sum() for p, g in ev.direct]
+            # float32 whatever the dtypes of the terms; only its gradient (1) is used
+            inner = torch.stack([t.float() for t in terms]).sum() if terms else None
+        if inner is None:  # the loss does not depend on the parameters
+            return ForwardResult(ev.outputs, ev.value)
+        return ForwardResult(ev.outputs, _LossWithGradient.apply(ev.value, inner))
+
+    def _call_model(self, module: nn.Module) -> Tensor:
+        args = self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
+        return module(*args, **self._kwargs)
+
+    def functional(self) -> Callable[[Mapping[str, Tensor], Tensor | tuple[Tensor, ...]], Tensor]:
+        module = unwrap(self.model)
+        kwargs = self._kwargs
+
+        def f(params: Mapping[str, Tensor], inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
+            args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+            return torch.func.functional_call(module, dict(params), args, kwargs, strict=False)
+
+        return f
+
+    def loss_at(self, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The closure's loss (``fn`` evaluated again) at ``params`` (by name) or at the current
+        parameters; the model's parameters, ``.grad`` and batch-norm running statistics are left
+        as they were."""
+        module = unwrap(self.model)
+        named = dict(module.named_parameters())
+        swapped = {n: named[n] for n in params or {}}
+        with preserved_norm_buffers(module):
+            with torch.no_grad():
+                backup = {n: p.detach().clone() for n, p in swapped.items()}
+                for n, p in swapped.items():
+                    p.copy_(params[n])  # type: ignore[index]
+            try:
+                return self._evaluate().value
+            finally:
+                with torch.no_grad():
+                    for n, p in swapped.items():
+                        p.copy_(backup[n])
 
 
 @contextlib.contextmanager

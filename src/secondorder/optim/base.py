@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..capture import Closure, preserved_norm_buffers, unwrap
+from ..capture import Closure, PlainClosure, infer_likelihood, preserved_norm_buffers, unwrap
 from ..capture.closure import ForwardResult
 from ..linalg.finite import all_finite
 
@@ -83,9 +83,25 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     #: needs nothing but the minibatch gradient in ``.grad``
     steps_without_closure: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, defaults: dict[str, Any], *, seed: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        defaults: dict[str, Any],
+        *,
+        seed: int | None = None,
+        loss_fn: nn.Module | None = None,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if loss_fn is not None:
+            if not isinstance(loss_fn, nn.Module):
+                raise ValueError(
+                    f"loss_fn: expected the loss module instance your closure calls "
+                    f"(nn.CrossEntropyLoss(), ...), got {type(loss_fn).__name__}"
+                )
+            infer_likelihood(loss_fn)  # raises ValueError naming loss_fn for an unsupported loss
+        #: the loss module a plain torch closure calls (``loss_fn=``), or None
+        self.loss_fn = loss_fn
         self.model = model
         self.module = unwrap(model)
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
@@ -140,10 +156,19 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One optimization step on the closure's minibatch; returns the minibatch loss (detached).
 
+        ``closure`` is a ``so.Closure`` or a plain torch closure (zero the gradients, forward,
+        loss, backward, return the loss). Every method takes a plain closure when the optimizer
+        was built with ``loss_fn=`` (the loss module the closure calls; see
+        :class:`~secondorder.capture.PlainClosure`); the first-order baselines, ``tnt-ef`` and
+        ``shampoo`` take one without it.
+
         Methods with :attr:`steps_without_closure` (the first-order baselines, ``tnt-ef``,
         ``shampoo``) also take no closure, as any ``torch.optim`` optimizer: they step on the
         gradients already in ``.grad`` (checked for non-finite values first, and taken as a
         minibatch mean) and return ``None``.
+
+        Raises:
+            TypeError: a form of closure this method cannot take (the message names the forms).
         """
         if len(self.param_groups) != 1:
             raise ValueError(
@@ -159,13 +184,24 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 "on the same batch); step() without a closure (after your own loss.backward()) works "
                 f"for {', '.join(keys[:-1])} and {keys[-1]}"
             )
+        plain_loss: Tensor | None = None
         if closure is not None and self.needs_closure and not isinstance(closure, Closure):
-            raise TypeError(
-                f"{self.method}: step() needs a so.Closure (it runs extra passes on the same batch), "
-                f"got {type(closure).__name__}"
-            )
+            if self.loss_fn is not None:
+                closure = PlainClosure(closure, self.model, self.loss_fn)
+            elif self.steps_without_closure:  # it needs nothing but the gradient the closure leaves
+                plain_loss = self._gradient_pass(closure)
+                closure = None
+            else:
+                raise TypeError(
+                    f"{self.method}: a plain closure needs loss_fn= at construction (the loss module "
+                    "instance your closure calls, e.g. nn.CrossEntropyLoss(): the method runs extra "
+                    f"passes on the same batch and needs its likelihood); or pass a so.Closure, got "
+                    f"{type(closure).__name__}"
+                )
         with preserved_norm_buffers(self.module, only_on_error=True):
             loss = self._step(closure)
+        if plain_loss is not None:
+            loss = plain_loss
         self.step_count += 1
         self.stats.steps += 1
         return loss

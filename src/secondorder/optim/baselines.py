@@ -45,6 +45,7 @@ class SGD(SecondOrderOptimizer):
         momentum: mu (0.9); 0 gives plain SGD.
         weight_decay: decoupled weight decay gamma (0).
         momentum_style: ``"accumulate"`` (``m = mu m + g``) or ``"average"`` (``m = mu m + (1-mu) g``).
+        loss_fn: accepted for a uniform signature; a first-order method takes any closure without it.
     """
 
     method = "sgd"
@@ -58,12 +59,13 @@ class SGD(SecondOrderOptimizer):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         momentum_style: str = MomentumStyle.ACCUMULATE.value,
+        loss_fn: nn.Module | None = None,
     ):
         defaults = dict(
             **H.shared(lr=lr, momentum=momentum, weight_decay=weight_decay),
             momentum_style=H.choice("momentum_style", momentum_style, MomentumStyle),
         )
-        super().__init__(model, defaults)
+        super().__init__(model, defaults, loss_fn=loss_fn)
 
     def _step(self, closure: Any) -> Tensor | None:
         loss = self._gradient_pass(closure)
@@ -88,6 +90,7 @@ class Adam(SecondOrderOptimizer):
         stat_decay: beta2 (0.999; chapter 2 used 0.9).
         weight_decay: decoupled weight decay gamma.
         adam_variant: ``"standard"`` or ``"reference"`` (see the module docstring).
+        loss_fn: accepted for a uniform signature; a first-order method takes any closure without it.
     """
 
     method = "adam"
@@ -103,6 +106,7 @@ class Adam(SecondOrderOptimizer):
         stat_decay: float = 0.999,
         weight_decay: float = 0.0,
         adam_variant: str = AdamVariant.STANDARD.value,
+        loss_fn: nn.Module | None = None,
     ):
         defaults = dict(
             **H.shared(
@@ -114,7 +118,7 @@ class Adam(SecondOrderOptimizer):
             ),
             adam_variant=H.choice("adam_variant", adam_variant, AdamVariant),
         )
-        super().__init__(model, defaults)
+        super().__init__(model, defaults, loss_fn=loss_fn)
 
     def _step(self, closure: Any) -> Tensor | None:
         loss = self._gradient_pass(closure)
@@ -151,6 +155,7 @@ class RMSprop(SecondOrderOptimizer):
         stat_decay: beta2 (0.9, footnote 5 of chapter 2).
         weight_decay: decoupled weight decay gamma.
         rmsprop_variant: ``"standard"`` squares ``g``; ``"reference"`` squares the momentum gradient.
+        loss_fn: accepted for a uniform signature; a first-order method takes any closure without it.
     """
 
     method = "rmsprop"
@@ -166,6 +171,7 @@ class RMSprop(SecondOrderOptimizer):
         stat_decay: float = 0.9,
         weight_decay: float = 0.0,
         rmsprop_variant: str = AdamVariant.STANDARD.value,
+        loss_fn: nn.Module | None = None,
     ):
         defaults = dict(
             **H.shared(
@@ -177,7 +183,7 @@ class RMSprop(SecondOrderOptimizer):
             ),
             rmsprop_variant=H.choice("rmsprop_variant", rmsprop_variant, AdamVariant),
         )
-        super().__init__(model, defaults)
+        super().__init__(model, defaults, loss_fn=loss_fn)
 
     def _step(self, closure: Any) -> Tensor | None:
         loss = self._gradient_pass(closure)

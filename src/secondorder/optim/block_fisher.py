@@ -93,6 +93,8 @@ class BlockFisher(SecondOrderOptimizer):
 
     Raises:
         ValueError: an invalid hyper-parameter, or a module with more than ``max_block_dim`` parameters.
+        loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
+            it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``).
     """
 
     method = "block-fisher"
@@ -107,6 +109,7 @@ class BlockFisher(SecondOrderOptimizer):
         weight_decay: float = 0.0,
         max_block_dim: int = MAX_BLOCK_DIM,
         seed: int | None = None,
+        loss_fn: nn.Module | None = None,
     ):
         defaults = dict(
             **H.shared(
@@ -118,7 +121,7 @@ class BlockFisher(SecondOrderOptimizer):
             ),
         )
         self.max_block_dim = H.count("max_block_dim", max_block_dim)
-        super().__init__(model, defaults, seed=seed)
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
         trainable = {n for n, _ in self.named_params()}
         self.blocks = {
             b: [n for n in names if n in trainable] for b, names in parameter_blocks(self.module).items()

@@ -67,6 +67,8 @@ class HessianFree(LMOptimizer):
         model_reduction: denominator of rho, ``"damped"`` (default: the CG quadratic) or ``"undamped"`` (5.5).
         accept_threshold: eta of Theorem 6: take the step only if rho >= eta (None: always).
         seed: seed of the optimizer's generator (random S2).
+        loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
+            it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``).
     """
 
     method = "hf"
@@ -89,6 +91,7 @@ class HessianFree(LMOptimizer):
         model_reduction: str = ModelReduction.DAMPED.value,
         accept_threshold: float | None = None,
         seed: int | None = None,
+        loss_fn: nn.Module | None = None,
     ):
         defaults = lm_hparams(
             lr=lr,
@@ -108,7 +111,7 @@ class HessianFree(LMOptimizer):
         defaults["cg_decay"] = H.positive("cg_decay", cg_decay, allow_zero=True)
         if defaults["cg_decay"] > 1:
             raise ValueError(f"cg_decay must be in [0, 1], got {cg_decay!r}")
-        super().__init__(model, defaults, seed=seed)
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
 
     def _direction(self, closure: Closure, damping: float) -> tuple[Tensor, dict[str, Tensor], float | None]:
         group = self.param_groups[0]

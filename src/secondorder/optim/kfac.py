@@ -107,6 +107,8 @@ class KFAC(KroneckerFactoredOptimizer):
         fallback: what preconditions the tensors no block models: ``"momentum"`` (the thesis's
             rule, the momentum gradient) or ``"diagonal"`` (``m / (v + lam)`` with the naive
             diagonal ``v``; :mod:`secondorder.optim.kronecker`).
+        loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
+            it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``).
     """
 
     method = "kfac"
@@ -132,6 +134,7 @@ class KFAC(KroneckerFactoredOptimizer):
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
         fallback: str = Fallback.DIAGONAL.value,
+        loss_fn: nn.Module | None = None,
     ):
         defaults = dict(
             **H.shared(
@@ -147,7 +150,9 @@ class KFAC(KroneckerFactoredOptimizer):
             weight_sharing=H.choice("weight_sharing", weight_sharing, WeightSharing),
             momentum_style=H.choice("momentum_style", momentum_style, MomentumStyle),
         )
-        super().__init__(model, defaults, seed=seed, layers=layers, exclude=exclude, fallback=fallback)
+        super().__init__(
+            model, defaults, seed=seed, layers=layers, exclude=exclude, fallback=fallback, loss_fn=loss_fn
+        )
         self.kron_blocks = {n: b for n, b in self.blocks.items() if b.curvature == "kronecker"}
         self.channel_blocks = {n: b for n, b in self.blocks.items() if b.curvature == "channel"}
         mixed = [n for n, b in self.blocks.items() if not b.example_major]

@@ -137,9 +137,10 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
         fallback: str = Fallback.DIAGONAL.value,
+        loss_fn: nn.Module | None = None,
     ):
         defaults = dict(defaults, fallback=H.choice("fallback", fallback, Fallback))
-        super().__init__(model, defaults, seed=seed)
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
         usable = {n: b for n, b in layer_blocks(self.module).items() if b.curvature in self.block_kinds}
         self.blocks = self._choose_blocks(usable, _specs("layers", layers), _specs("exclude", exclude))
         self._refuse_tied_weights()

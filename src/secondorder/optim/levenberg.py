@@ -220,8 +220,15 @@ class LMOptimizer(SecondOrderOptimizer):
     it is part of :meth:`state_dict`.
     """
 
-    def __init__(self, model: nn.Module, defaults: dict[str, Any], *, seed: int | None = None):
-        super().__init__(model, defaults, seed=seed)
+    def __init__(
+        self,
+        model: nn.Module,
+        defaults: dict[str, Any],
+        *,
+        seed: int | None = None,
+        loss_fn: nn.Module | None = None,
+    ):
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
         self.lm_damping = float(defaults["damping"])  # lam_LM^(t)
 
     # ----------------------------------------------------------- hooks for subclasses

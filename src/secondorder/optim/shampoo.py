@@ -66,6 +66,8 @@ class Shampoo(TensorFactoredOptimizer):
         inverse_timing: ``"less"`` (default) or ``"tnt"`` (see the module docstring).
         root_method: ``"auto"`` (default), ``"newton"`` or ``"eigh"`` (see the module docstring).
         max_factor_dim: modes larger than this get a diagonal factor (4096).
+        loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
+            it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``).
     """
 
     method = "shampoo"
@@ -85,6 +87,7 @@ class Shampoo(TensorFactoredOptimizer):
         inverse_timing: str = InverseTiming.LESS.value,
         root_method: str = RootMethod.AUTO.value,
         max_factor_dim: int = MAX_FACTOR_DIM,
+        loss_fn: nn.Module | None = None,
     ):
         defaults = dict(
             **H.shared(
@@ -99,7 +102,7 @@ class Shampoo(TensorFactoredOptimizer):
             inverse_timing=H.choice("inverse_timing", inverse_timing, InverseTiming),
             root_method=H.choice("root_method", root_method, RootMethod),
         )
-        super().__init__(model, defaults, seed=None, max_factor_dim=max_factor_dim)
+        super().__init__(model, defaults, seed=None, max_factor_dim=max_factor_dim, loss_fn=loss_fn)
 
     def _inverse_due(self, k: int, stats_due: bool) -> bool:
         g = self.param_groups[0]

@@ -391,7 +391,9 @@ _LM_DOC = """
         lm_boost, lm_drop, lm_epsilon: boost, drop and eps of the LM rule (1.01, 0.99, 1/4).
         model_reduction: denominator of rho, ``"damped"`` (default, the code) or ``"undamped"`` (5.5).
         accept_threshold: eta of Theorem 6: take the step only if rho >= eta (None: always, Alg. 23).
-        seed: seed of the optimizer's generator (random S2, sampled targets)."""
+        seed: seed of the optimizer's generator (random S2, sampled targets).
+        loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
+            it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``)."""
 
 
 class SMWNG(_SMW):
@@ -422,6 +424,7 @@ class SMWNG(_SMW):
         model_reduction: str = ModelReduction.DAMPED.value,
         accept_threshold: float | None = None,
         seed: int | None = None,
+        loss_fn: nn.Module | None = None,
     ):
         defaults = lm_hparams(
             lr=lr,
@@ -437,7 +440,7 @@ class SMWNG(_SMW):
             accept_threshold=accept_threshold,
         )
         defaults["fisher"] = H.choice("fisher", fisher, Fisher)
-        super().__init__(model, defaults, seed=seed)
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
         self._setup()
 
 
@@ -474,6 +477,7 @@ class SMWGN(_SMW):
         model_reduction: str = ModelReduction.DAMPED.value,
         accept_threshold: float | None = None,
         seed: int | None = None,
+        loss_fn: nn.Module | None = None,
     ):
         defaults = lm_hparams(
             lr=lr,
@@ -488,5 +492,5 @@ class SMWGN(_SMW):
             model_reduction=model_reduction,
             accept_threshold=accept_threshold,
         )
-        super().__init__(model, defaults, seed=seed)
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
         self._setup()

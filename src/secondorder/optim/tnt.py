@@ -127,8 +127,16 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
     #: sampled targets (Fisher, Algorithm 15 line 7) or the true-target gradient (EF, Shampoo)
     sampled_fisher: ClassVar[bool] = True
 
-    def __init__(self, model: nn.Module, defaults: dict[str, Any], *, seed: int | None, max_factor_dim: int):
-        super().__init__(model, defaults, seed=seed)
+    def __init__(
+        self,
+        model: nn.Module,
+        defaults: dict[str, Any],
+        *,
+        seed: int | None,
+        max_factor_dim: int,
+        loss_fn: nn.Module | None = None,
+    ):
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
         self.max_factor_dim = H.count("max_factor_dim", max_factor_dim)
         self.views = parameter_views(self.module, [n for n, _ in self.named_params()], self.max_factor_dim)
         logger.info(
@@ -336,6 +344,8 @@ class TNT(TensorFactoredOptimizer):
         inverse_freq: T2, inverses every T2 steps (20 for autoencoders, 100 for CNNs).
         max_factor_dim: modes larger than this get a diagonal factor (4096).
         seed: seed of the optimizer's generator for sampled targets (default ``torch.initial_seed()``).
+        loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
+            it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``).
     """
 
     method = "tnt"
@@ -353,6 +363,7 @@ class TNT(TensorFactoredOptimizer):
         inverse_freq: int = 20,
         max_factor_dim: int = MAX_FACTOR_DIM,
         seed: int | None = None,
+        loss_fn: nn.Module | None = None,
     ):
         defaults = dict(
             **H.shared(
@@ -365,7 +376,7 @@ class TNT(TensorFactoredOptimizer):
                 inverse_freq=inverse_freq,
             ),
         )
-        super().__init__(model, defaults, seed=seed, max_factor_dim=max_factor_dim)
+        super().__init__(model, defaults, seed=seed, max_factor_dim=max_factor_dim, loss_fn=loss_fn)
 
     def _preconditioner(self, factors: list[Tensor], view: TensorView, damping: float) -> list[Tensor]:
         """Lines 15-16: ``U~_i`` by (4.10), then ``(U~_i + eps I)^-1``."""
@@ -394,6 +405,7 @@ class TNTEF(TNT):
         inverse_freq: int = 20,
         max_factor_dim: int = MAX_FACTOR_DIM,
         seed: int | None = None,
+        loss_fn: nn.Module | None = None,
     ):
         super().__init__(
             model,
@@ -406,4 +418,5 @@ class TNTEF(TNT):
             inverse_freq=inverse_freq,
             max_factor_dim=max_factor_dim,
             seed=seed,
+            loss_fn=loss_fn,
         )

@@ -57,6 +57,7 @@ class KBFGSBase(CurvatureUpdates, KroneckerFactoredOptimizer):
         layers: LayerSpec | Iterable[LayerSpec] | None,
         exclude: LayerSpec | Iterable[LayerSpec] | None,
         fallback: str,
+        loss_fn: nn.Module | None = None,
         history_size: int | None = None,
     ) -> None:
         mu1 = H.fraction("mu1", mu1)
@@ -85,7 +86,7 @@ class KBFGSBase(CurvatureUpdates, KroneckerFactoredOptimizer):
         if history_size is not None:
             defaults["history_size"] = H.count("history_size", history_size)
         self._check_dd_damping(defaults)
-        super().__init__(model, defaults, layers=layers, exclude=exclude, fallback=fallback)
+        super().__init__(model, defaults, layers=layers, exclude=exclude, fallback=fallback, loss_fn=loss_fn)
         self._logged: set[tuple[str, str]] = set()  # (layer, event) already logged once
         self._pending_diagonals: dict[Tensor, Tensor] = {}  # fallback diagonals of the step
 

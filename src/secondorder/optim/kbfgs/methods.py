@@ -48,6 +48,8 @@ class KBFGS(KBFGSBase):
         fallback: what preconditions the tensors no block models: ``"momentum"`` (the thesis's
             rule: the momentum gradient with ``lr/lam``; ``lr`` in chapter 2) or ``"diagonal"``
             (``m / (v + lam)`` with the naive diagonal ``v``; :mod:`secondorder.optim.kronecker`).
+        loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
+            it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``).
     """
 
     method = "kbfgs"
@@ -72,6 +74,7 @@ class KBFGS(KBFGSBase):
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
         fallback: str = Fallback.DIAGONAL.value,
+        loss_fn: nn.Module | None = None,
     ):
         self._setup(**_arguments(locals()))
 
@@ -107,6 +110,7 @@ class KBFGSL(KBFGSBase):
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
         fallback: str = Fallback.DIAGONAL.value,
+        loss_fn: nn.Module | None = None,
     ):
         self._setup(**_arguments(locals()))
 
@@ -142,6 +146,7 @@ class KBFGS20(KBFGSBase):
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
         fallback: str = Fallback.DIAGONAL.value,
+        loss_fn: nn.Module | None = None,
     ):
         self._setup(**_arguments(locals()))
 
@@ -178,5 +183,6 @@ class KBFGSL20(KBFGSBase):
         layers: LayerSpec | Iterable[LayerSpec] | None = None,
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
         fallback: str = Fallback.DIAGONAL.value,
+        loss_fn: nn.Module | None = None,
     ):
         self._setup(**_arguments(locals()))
