@@ -69,6 +69,13 @@ def test_the_registry_lists_the_methods_that_step_without_a_closure():
     assert set(so.optim.registry.steps_without_closure()) == WITHOUT_CLOSURE
 
 
+WATCHED = {"kfac", "kfac-ef", "tnt"}  # without a closure when built with loss_fn=
+
+
+def test_the_registry_lists_the_methods_that_step_without_a_closure_given_loss_fn():
+    assert set(so.optim.registry.steps_watched()) == WATCHED
+
+
 @pytest.mark.parametrize("key", sorted(set(METHODS) - WITHOUT_CLOSURE))
 def test_methods_that_need_a_closure_say_which_forms_they_take(key):
     model = tiny_mlp()
@@ -76,7 +83,11 @@ def test_methods_that_need_a_closure_say_which_forms_they_take(key):
     x, y = classification_data(n=8)
     torch.nn.CrossEntropyLoss()(model(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(TypeError, match=r"needs a so.Closure.*sgd, adam, rmsprop, tnt-ef and shampoo"):
+    if key in WATCHED:
+        expected = rf"{key}: step\(\) without a closure needs loss_fn= at construction"
+    else:
+        expected = r"needs a so.Closure.*sgd, adam, rmsprop, tnt-ef and shampoo, and with loss_fn= for kfac"
+    with pytest.raises(TypeError, match=expected):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 

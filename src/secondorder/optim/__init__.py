@@ -8,6 +8,7 @@ from .kbfgs import KBFGS, KBFGS20, KBFGSL, KBFGSL20, VARIANTS, AInverse, AStatis
 from .kfac import KFAC, KFACEF, PiSplit, WeightSharing
 from .kronecker import KroneckerFactoredOptimizer, UnmodeledParametersWarning
 from .levenberg import CurvatureSample, LMRule, ModelReduction
+from .preconditioner import Preconditioner
 from .registry import METHODS, implemented, make_optimizer, optimizer_class
 from .shampoo import Shampoo
 from .smw import SMWGN, SMWNG, SMWNGBD, Fisher
@@ -46,6 +47,7 @@ __all__ = [
     "MomentumStyle",
     "NonFiniteError",
     "OptimizerStats",
+    "Preconditioner",
     "PiSplit",
     "WeightSharing",
     "RMSprop",

@@ -30,8 +30,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..capture import Closure, PlainClosure, infer_likelihood, preserved_norm_buffers, unwrap
+from ..capture import Capture, Closure, PlainClosure, infer_likelihood, preserved_norm_buffers, unwrap
 from ..capture.closure import ForwardResult
+from ..capture.watch import Watch, WatchedBatch
 from ..linalg.finite import all_finite
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     #: ``step()`` without a closure (the caller ran ``loss.backward()``) is supported: the method
     #: needs nothing but the minibatch gradient in ``.grad``
     steps_without_closure: ClassVar[bool] = False
+    #: ``step()`` without a closure works when the optimizer was built with ``loss_fn=``: hooks
+    #: watch the caller's forward and backward (:class:`~secondorder.capture.watch.Watch`)
+    steps_watched: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -102,6 +106,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             infer_likelihood(loss_fn)  # raises ValueError naming loss_fn for an unsupported loss
         #: the loss module a plain torch closure calls (``loss_fn=``), or None
         self.loss_fn = loss_fn
+        #: the hooks on the caller's forward for ``step()`` without a closure (:meth:`_watch_caller`)
+        self.watch: Watch | None = None
+        #: the preconditioner form: the step writes its direction into ``.grad`` (:meth:`_apply_update`)
+        self.writes_grad = False
         self.model = model
         self.module = unwrap(model)
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
@@ -175,14 +183,21 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 f"param_groups: {self.method} steps one parameter group, found {len(self.param_groups)} "
                 "(a group appended by hand would never be stepped)"
             )
-        if closure is None and not self.steps_without_closure:
-            from .registry import steps_without_closure  # the registry imports every method
+        if closure is None and not self.steps_without_closure and self.watch is None:
+            from .registry import steps_watched, steps_without_closure  # it imports every method
 
-            keys = steps_without_closure()
+            keys, watched = steps_without_closure(), steps_watched()
+            if self.steps_watched:
+                raise TypeError(
+                    f"{self.method}: step() without a closure needs loss_fn= at construction (the loss "
+                    "module instance your loop computes the loss with: the optimizer's hooks read the "
+                    "outputs and targets off its call); or pass a so.Closure or a plain closure"
+                )
             raise TypeError(
                 f"{self.method}: step() needs a so.Closure(model, x, y, loss_fn) (it runs extra passes "
                 "on the same batch); step() without a closure (after your own loss.backward()) works "
-                f"for {', '.join(keys[:-1])} and {keys[-1]}"
+                f"for {', '.join(keys[:-1])} and {keys[-1]}, and with loss_fn= for "
+                f"{', '.join(watched[:-1])} and {watched[-1]}"
             )
         plain_loss: Tensor | None = None
         if closure is not None and self.needs_closure and not isinstance(closure, Closure):
@@ -198,7 +213,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                     f"passes on the same batch and needs its likelihood); or pass a so.Closure, got "
                     f"{type(closure).__name__}"
                 )
-        with preserved_norm_buffers(self.module, only_on_error=True):
+        watching: AbstractContextManager[Any] = nullcontext()
+        if self.watch is not None and closure is not None:  # the step runs its own passes
+            self.watch.discard()
+            watching = self.watch.paused()
+        with watching, preserved_norm_buffers(self.module, only_on_error=True):
             loss = self._step(closure)
         if plain_loss is not None:
             loss = plain_loss
@@ -208,6 +227,37 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _step(self, closure: Any) -> Tensor:
         raise NotImplementedError
+
+    def _watch_caller(
+        self,
+        capture: Capture | None,
+        due: Callable[[Any], dict[str, bool] | None],
+        on_loss: Callable[[Any, WatchedBatch], None] | None = None,
+    ) -> None:
+        """Keep hooks on the caller's forward (and on ``loss_fn``) so that ``step()`` without a
+        closure finds the batch, the records of ``capture`` when ``due(self)`` asks for them, and
+        whatever ``on_loss(self, batch)`` computed (:class:`~secondorder.capture.watch.Watch`)."""
+        if self.loss_fn is not None:
+            self.watch = Watch(self, self.model, self.loss_fn, capture, due, on_loss)
+
+    def _watched_batch(self) -> WatchedBatch:
+        """The caller's last forward before this ``step()`` (its gradients checked).
+
+        Raises:
+            RuntimeError: no forward pass in grad mode ran since the last step, or the loss was not
+                computed with ``loss_fn``.
+        """
+        assert self.watch is not None
+        batch = self.watch.take()
+        if batch is None or batch.outputs is None:
+            raise RuntimeError(
+                f"{self.method}: step() without a closure found "
+                + ("no forward pass in grad mode" if batch is None else "no call of loss_fn on the outputs")
+                + " since the last step; run model(x), loss_fn(outputs, y) (the instance given as "
+                "loss_fn=) and loss.backward() before opt.step()"
+            )
+        self._check_grads()
+        return batch
 
     def warm_start(self, closures: Iterable[Closure]) -> int:
         """Statistics from the whole training set before the first step (no-op by default).
@@ -342,10 +392,16 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if weight_decay != 0:
             p.mul_(1.0 - lr * weight_decay)
 
-    @classmethod
-    def _apply_update(cls, p: Tensor, direction: Tensor, lr: float, weight_decay: float) -> None:
-        """Decoupled weight decay and step: ``W <- W - lr (P + gamma W)`` (3.7.2, Alg. 15 line 19)."""
-        cls._decay_weights(p, lr, weight_decay)
+    def _apply_update(self, p: Tensor, direction: Tensor, lr: float, weight_decay: float) -> None:
+        """Decoupled weight decay and step: ``W <- W - lr (P + gamma W)`` (3.7.2, Alg. 15 line 19).
+
+        In the preconditioner form (:class:`~secondorder.optim.preconditioner.Preconditioner`) the
+        direction ``P`` replaces the gradient of ``p`` instead (``p`` may be a view of a parameter:
+        the matching view of its gradient is written)."""
+        if self.writes_grad:
+            grad_view(p).copy_(direction)
+            return
+        self._decay_weights(p, lr, weight_decay)
         p.add_(direction, alpha=-lr)
 
     # -------------------------------------------------------------- state
@@ -440,6 +496,19 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         pass
+
+
+def grad_view(target: Tensor) -> Tensor:
+    """The gradient of ``target``: a parameter's ``.grad``, or for a view of a parameter (a block
+    covering part of it) the same view of the parameter's ``.grad``."""
+    base = target if target._base is None else target._base
+    grad = base.grad
+    if grad is None or grad.stride() != base.stride():
+        raise RuntimeError("grad_view: the parameter's gradient is missing or laid out unlike it")
+    if base is target:
+        return grad
+    offset = grad.storage_offset() + target.storage_offset() - base.storage_offset()
+    return grad.as_strided(target.shape, target.stride(), offset)
 
 
 def _clone(obj: Any) -> Any:

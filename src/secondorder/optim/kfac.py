@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from .. import distributed as D
 from ..capture import Closure
 from ..capture import hooks as C
+from ..capture.watch import WatchedBatch
 from ..linalg import (
     damped_inverse,
     damped_inverses,
@@ -112,6 +113,7 @@ class KFAC(KroneckerFactoredOptimizer):
     """
 
     method = "kfac"
+    steps_watched = True  # with loss_fn=: the sampled backward runs at the caller's loss
     #: sampled targets (Fisher) or true targets (empirical Fisher)
     sampled_fisher = True
     #: Kronecker blocks, and the per-channel blocks of normalisation layers' scale and shift
@@ -155,6 +157,7 @@ class KFAC(KroneckerFactoredOptimizer):
         )
         self.kron_blocks = {n: b for n, b in self.blocks.items() if b.curvature == "kronecker"}
         self.channel_blocks = {n: b for n, b in self.blocks.items() if b.curvature == "channel"}
+        self._watch_caller(self.capture, lambda opt: opt._record_spec(), lambda opt, b: opt._watch_loss(b))
         mixed = [n for n, b in self.blocks.items() if not b.example_major]
         if defaults["weight_sharing"] == WeightSharing.REDUCE.value and mixed:
             raise ValueError(
@@ -315,28 +318,66 @@ class KFAC(KroneckerFactoredOptimizer):
         return count
 
     # --------------------------------------------------------------- step
-    def _step(self, closure: Closure) -> Tensor:
+    def _record_spec(self) -> dict[str, bool] | None:
+        """What pass 1 records at this step: ``None`` when no statistics are due."""
+        if self.step_count % self.param_groups[0]["update_freq"] != 0:
+            return None
+        sampled = self.sampled_fisher
+        return dict(inputs=True, outputs=sampled, output_grads=not sampled)
+
+    def _watch_loss(self, batch: WatchedBatch) -> None:
+        """Without a closure: the sampled backward (``kfac``) while the caller's graph is alive."""
+        if not self.sampled_fisher or not batch.records:
+            return
+        recs = batch.records
+        if any(recs[n].outputs is None for n in self.layers):
+            return  # a layer did not run: step() reports it
+        with self._curvature_timer(), torch.enable_grad():
+            target_loss = batch.sampled_loss(batch.outputs, self.generator)  # type: ignore[arg-type]
+            grads = batch.grad(target_loss, [recs[n].outputs for n in self.layers], retain_graph=True)  # type: ignore[misc]
+            batch.extra["grads"] = dict(zip(self.layers, grads, strict=True))
+        self.stats.backward_passes += 1
+        for rec in recs.values():
+            rec.outputs = None  # the activations are not needed any longer
+
+    def _step(self, closure: Closure | None) -> Tensor | None:
         g = self.param_groups[0]
         k = self.step_count
-        t1, t2 = g["update_freq"], g["inverse_freq"]
-        stats_due = k % t1 == 0
+        t2 = g["inverse_freq"]
+        spec = self._record_spec()
+        stats_due = spec is not None
         inverse_due = k % t2 == 0 or (k <= t2 and stats_due)
         sampled = stats_due and self.sampled_fisher
         with self._rng_restored_on_error():
-            record = (
-                self.capture.record(inputs=True, outputs=sampled, output_grads=not sampled)
-                if stats_due
-                else None
-            )
-            result, recs = self._forward_backward(closure, record, retain_graph=sampled)
             batch_stats, fishers = {}, {}
+            if closure is None:  # the caller ran forward and backward; the watch recorded them
+                batch = self._watched_batch()
+                closure, recs, loss = batch, batch.records, None  # type: ignore[assignment]
+                if stats_due:
+                    if sampled:  # from the unscaled sampled loss
+                        grads = batch.extra.get("grads")
+                    else:  # the caller's backward, perhaps of a loss scaled by a GradScaler
+                        s = batch.grad_scale
+                        grads = {n: r.output_grads for n, r in recs.items()}
+                        if s != 1.0:
+                            grads = {n: g / s if g is not None else None for n, g in grads.items()}
+                    if grads is None or any(n not in recs for n in self.layers):
+                        raise C.HookNeverFiredError(
+                            f"{self.method}: the forward before step() recorded no statistics (it ran "
+                            "outside the optimizer's watch, or a modeled layer did not run)"
+                        )
+            else:
+                record = self.capture.record(**spec) if spec is not None else None
+                result, recs = self._forward_backward(closure, record, retain_graph=sampled)
+                loss = result.loss.detach()
+                if sampled:
+                    with self._curvature_timer(), torch.enable_grad():
+                        grads = self._sampled_or_true_grads(closure, result.outputs, result.loss, recs, False)
+                    self.stats.backward_passes += 1
+                elif stats_due:  # kfac-ef: dL/dh of the true loss, captured during the backward above
+                    grads = {n: r.output_grads for n, r in recs.items()}
             if stats_due:
                 with self._curvature_timer(), torch.enable_grad():
-                    if sampled:
-                        grads = self._sampled_or_true_grads(closure, result.outputs, result.loss, recs, False)
-                        self.stats.backward_passes += 1
-                    else:  # kfac-ef: dL/dh of the true loss, captured during the backward above
-                        grads = {n: r.output_grads for n, r in recs.items()}
                     batch_stats = self._factor_rows(closure, recs, grads)
                     fishers = self._channel_fishers(closure, recs, grads)
 
@@ -346,8 +387,8 @@ class KFAC(KroneckerFactoredOptimizer):
                     self._accumulate_factors(batch_stats, fishers, g["stat_decay"])
                 if inverse_due:
                     self._update_inverses(g["damping"], g["pi"])
-            self._apply_step(g, fallback_scale(closure))
-        return result.loss.detach()
+            self._apply_step(g, fallback_scale(closure))  # type: ignore[arg-type]
+        return loss
 
     def _update_inverses(self, damping: float, pi_mode: str) -> None:
         """Algorithm 12 line 19 per layer (``(F_c + lam I)^-1`` per channel for a scale-and-shift

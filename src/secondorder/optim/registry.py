@@ -92,3 +92,9 @@ def make_optimizer(name: str, model: nn.Module, **hp: Any) -> SecondOrderOptimiz
 def steps_without_closure() -> list[str]:
     """Factory keys whose ``step()`` also takes no closure (``loss.backward(); opt.step()``)."""
     return [name for name in implemented() if optimizer_class(name).steps_without_closure]
+
+
+def steps_watched() -> list[str]:
+    """Factory keys whose ``step()`` takes no closure when built with ``loss_fn=`` (hooks watch the
+    caller's forward and backward)."""
+    return [name for name in implemented() if optimizer_class(name).steps_watched]

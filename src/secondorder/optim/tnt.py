@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from .. import distributed as D
 from ..capture import Closure, preserved_norm_buffers
+from ..capture.watch import WatchedBatch
 from ..linalg.finite import all_finite
 from ..linalg.kron import LinAlgError
 from ..linalg.roots import inverse_root
@@ -137,6 +138,8 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
         loss_fn: nn.Module | None = None,
     ):
         super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
+        if self.sampled_fisher:  # without a closure the sampled backward runs at the caller's loss
+            self._watch_caller(None, lambda opt: None, lambda opt, batch: opt._watch_loss(batch))
         self.max_factor_dim = H.count("max_factor_dim", max_factor_dim)
         self.views = parameter_views(self.module, [n for n, _ in self.named_params()], self.max_factor_dim)
         logger.info(
@@ -159,6 +162,18 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
         ]
         D.all_reduce_mean(out)
         return out
+
+    def _watch_loss(self, batch: WatchedBatch) -> None:
+        """Without a closure (``tnt``): line 7's sampled gradient while the caller's graph is alive,
+        when statistics are due at the coming step."""
+        g = self.param_groups[0]
+        k = self.step_count
+        warm = k == 0 and any("factors" in self.state[p] for _, p in self.named_params())
+        if k % g["update_freq"] != 0 or warm:
+            return
+        with self._curvature_timer(), torch.enable_grad():
+            batch.extra["grads"] = self._statistic_grads(batch, batch.outputs, None, retain=True)  # type: ignore[arg-type]
+        self.stats.backward_passes += 1
 
     def _contractions(self, grads: dict[str, Tensor]) -> dict[str, list[Tensor]]:
         """``[G^(1), ..., G^(k)]`` of each parameter's mean gradient in its tensor view (lines 7, 12)."""
@@ -183,12 +198,14 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
         return out
 
     def _statistic_grads(
-        self, closure: Closure, outputs: Tensor, loss: Tensor, retain: bool
+        self, closure: Closure | WatchedBatch, outputs: Tensor, loss: Tensor | None, retain: bool
     ) -> dict[str, Tensor]:
-        """The gradients whose contractions are the statistics: sampled targets or true targets."""
+        """The gradients whose contractions are the statistics: sampled targets or true targets
+        (``loss``, unused with sampled targets)."""
         names, params = zip(*self.named_params(), strict=True)
         target_loss = closure.sampled_loss(outputs, self.generator) if self.sampled_fisher else loss
-        grads = self._mean_gradients(closure, target_loss, list(params), retain)
+        assert target_loss is not None
+        grads = self._mean_gradients(closure, target_loss, list(params), retain)  # type: ignore[arg-type]
         self._check_tensors("sampled gradient" if self.sampled_fisher else "gradient", grads)
         return dict(zip(names, grads, strict=True))
 
@@ -241,7 +258,11 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
         stats_due = k % g["update_freq"] == 0 and not warm  # after a warm start, step 0 uses it as is
         sampled = stats_due and self.sampled_fisher
         with self._rng_restored_on_error():
-            if closure is None:  # tnt-ef / shampoo after the caller's backward (checked gradients)
+            watched = None
+            if closure is None and self.watch is not None:  # tnt: the sampled backward ran at the loss
+                watched = self._watched_batch()
+                result = None
+            elif closure is None:  # tnt-ef / shampoo after the caller's backward (checked gradients)
                 self._check_grads()
                 result = None
             else:
@@ -249,7 +270,9 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
             batch_stats: dict[str, list[Tensor]] = {}
             if stats_due:
                 with self._curvature_timer(), torch.enable_grad():
-                    if sampled:  # line 7: another backward with y sampled from the predictive distribution
+                    if sampled and watched is not None:
+                        grads = watched.extra["grads"]
+                    elif sampled:  # line 7: another backward with y sampled from the predictive distribution
                         assert closure is not None and result is not None
                         grads = self._statistic_grads(closure, result.outputs, result.loss, retain=False)
                         self.stats.backward_passes += 1
@@ -323,6 +346,9 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
                 self._apply_update(p, m, lr, wd)
                 continue
             shape = self.views[name].shape
+            if self.writes_grad:  # the preconditioner form: the direction replaces the gradient
+                self._apply_update(p, multi_mode_product(m.reshape(shape), precond).reshape(p.shape), lr, wd)
+                continue
             self._decay_weights(p, lr, wd)
             if p.is_contiguous():  # W <- W - alpha p without forming p (one GEMM for a matrix)
                 add_multi_mode_product_(p.view(shape), m.reshape(shape), precond, -lr)
@@ -350,6 +376,7 @@ class TNT(TensorFactoredOptimizer):
 
     method = "tnt"
     sampled_fisher = True
+    steps_watched = True  # with loss_fn=: the sampled backward runs at the caller's loss
 
     def __init__(
         self,
@@ -392,6 +419,7 @@ class TNTEF(TNT):
     method = "tnt-ef"
     sampled_fisher = False
     steps_without_closure = True  # its statistics are the minibatch gradient's contractions
+    steps_watched = False  # it needs no watch
 
     def __init__(
         self,
