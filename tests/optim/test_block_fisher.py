@@ -10,7 +10,14 @@ from torch import nn
 
 import secondorder as so
 from secondorder.optim.block_fisher import BlockFisher, parameter_blocks
-from tests.helpers import classification_data, image_data, per_example_param_grads, tiny_conv_bn, tiny_mlp
+from tests.helpers import (
+    classification_data,
+    huge_input_net,
+    image_data,
+    per_example_param_grads,
+    tiny_conv_bn,
+    tiny_mlp,
+)
 
 LR, LAM = 0.2, 0.05
 ORACLE_HP = dict(lr=LR, damping=LAM, momentum=0.0, stat_decay=0.0, weight_decay=0.0)
@@ -121,3 +128,27 @@ def test_size_limit_raises_a_clear_value_error():
     BlockFisher(nn.Sequential(nn.Linear(256, 20)))  # the Figure 4.1 first layer (5140) fits the default
     with pytest.raises(ValueError, match="max_block_dim"):
         BlockFisher(nn.Sequential(nn.Linear(256, 40)))  # 10280 > 6000
+
+
+def test_an_overflowed_block_fisher_is_not_stored_and_training_goes_on(caplog):
+    """float32, first-layer inputs 1e20 (h stays O(1)): its per-example gradients are ~1e20 and
+    finite, their Gram overflows; the block keeps its previous Fisher (counted, logged) and the
+    run goes on; with no previous Fisher the step raises before anything changes."""
+    model, x, y = huge_input_net()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = so.make_optimizer("block-fisher", model, lr=0.0, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(so.NonFiniteError, match="no previous Fisher to keep"):
+        opt.step(so.Closure(model, x, y, loss_fn))
+    assert not opt.module_state and all(
+        torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+    )
+    opt.step(so.Closure(model, x * 1e-20, y, loss_fn))
+    kept = {b: st["fisher"].clone() for b, st in opt.module_state.items()}
+    with caplog.at_level("WARNING", logger="secondorder"):
+        opt.step(so.Closure(model, x, y, loss_fn))
+    assert torch.equal(opt.module_state["0"]["fisher"], kept["0"])
+    assert not torch.equal(opt.module_state["2"]["fisher"], kept["2"])  # the finite block moves on
+    assert opt.stats.diagnostics["skipped_statistics"] == {"0": 1}
+    assert any("previous statistics are kept" in r.getMessage() for r in caplog.records)
+    assert all(bool(torch.isfinite(st["fisher"]).all()) for st in opt.module_state.values())

@@ -77,6 +77,9 @@ class Closure:
         self.loss_fn = loss_fn
         self._likelihood = likelihood
         self._likelihood_error: ValueError | None = None
+        #: the autocast regions the caller's ``step`` ran in: the model's forward passes run in
+        #: them, the optimizer's curvature work outside (set by the optimizer's ``step``)
+        self.autocast: list[tuple[str, torch.dtype]] = []
         if likelihood is None:
             try:
                 self._likelihood = infer_likelihood(loss_fn)  # type: ignore[arg-type]
@@ -127,7 +130,7 @@ class Closure:
         ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
         if not sync and isinstance(self.model, nn.parallel.DistributedDataParallel):
             ctx = self.model.no_sync()
-        with ctx:
+        with ctx, autocast_regions(self.autocast):
             outputs = self._call_model(self.model)
             loss = self.loss_fn(outputs, self.targets)
         return ForwardResult(outputs, loss)
@@ -137,8 +140,9 @@ class Closure:
         return self.likelihood.sample(outputs, generator)
 
     def sampled_loss(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``loss_fn(outputs, t~)`` with ``t~`` sampled from the predictive distribution (same reduction)."""
-        return self.loss_fn(outputs, self.sample_targets(outputs, generator))
+        """``loss_fn(outputs, t~)`` with ``t~`` sampled from the predictive distribution (same
+        reduction; half-precision outputs are read in float32, as autocast computes losses)."""
+        return self.loss_fn(_at_least_float32(outputs), self.sample_targets(outputs, generator))
 
     @staticmethod
     def grad(loss: Tensor, tensors: list[Tensor], *, retain_graph: bool = False) -> list[Tensor | None]:
@@ -159,7 +163,8 @@ class Closure:
 
         def f(params: Mapping[str, Tensor], inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
             args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
-            return torch.func.functional_call(module, dict(params), args, strict=False)
+            with autocast_regions(self.autocast):
+                return torch.func.functional_call(module, dict(params), args, strict=False)
 
         return f
 
@@ -169,7 +174,7 @@ class Closure:
         Batch-norm running statistics are left as they were.
         """
         module = unwrap(self.model)
-        with preserved_norm_buffers(module):
+        with preserved_norm_buffers(module), autocast_regions(self.autocast):
             if params is None:
                 outputs = self._call_model(module)
             else:
@@ -241,6 +246,7 @@ class PlainClosure(Closure):
         self._likelihood = infer_likelihood(loss_fn)
         self._likelihood_error = None
         self._seen = False
+        self.autocast = []
 
     def __call__(self) -> Tensor:
         return self.fn()
@@ -256,6 +262,7 @@ class PlainClosure(Closure):
         module = unwrap(self.model)
         params = [p for p in module.parameters() if p.requires_grad]
         saved = [p.grad for p in params]
+        outer = self.model  # a DDP or torch.compile wrapper runs its hooks eagerly
         calls: list[tuple[Tensor, Tensor, Any]] = []  # (outputs, detached copy, targets)
         model_calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
@@ -279,11 +286,11 @@ class PlainClosure(Closure):
         for p in params:
             p.grad = None
         handles = [
-            module.register_forward_pre_hook(on_model, with_kwargs=True),
+            outer.register_forward_pre_hook(on_model, with_kwargs=True),
             self.loss_fn.register_forward_pre_hook(on_loss, with_kwargs=True),
         ]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), autocast_regions(self.autocast):
                 value = self.fn()
             if len(calls) != 1 or not model_calls:
                 raise ValueError(
@@ -338,7 +345,8 @@ class PlainClosure(Closure):
 
         def f(params: Mapping[str, Tensor], inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
             args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
-            return torch.func.functional_call(module, dict(params), args, kwargs, strict=False)
+            with autocast_regions(self.autocast):
+                return torch.func.functional_call(module, dict(params), args, kwargs, strict=False)
 
         return f
 
@@ -360,6 +368,44 @@ class PlainClosure(Closure):
                 with torch.no_grad():
                     for n, p in swapped.items():
                         p.copy_(backup[n])
+
+
+#: the device types whose autocast state a step carries into the closure's forward passes
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def ambient_autocast() -> list[tuple[str, torch.dtype]]:
+    """The autocast regions active here: ``[(device_type, dtype), ...]``."""
+    out = []
+    for device in AUTOCAST_DEVICES:
+        try:
+            on, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        except (TypeError, AttributeError):  # torch < 2.4: the per-device functions
+            if device == "cpu":
+                on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+            else:
+                on, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        if on:
+            out.append((device, dtype))
+    return out
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """No autocast inside (curvature statistics, inverses and updates keep their own dtypes)."""
+    with contextlib.ExitStack() as stack:
+        for device, _ in ambient_autocast():
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
+@contextlib.contextmanager
+def autocast_regions(regions: list[tuple[str, torch.dtype]]) -> Iterator[None]:
+    """Enter the autocast regions ``regions`` (from :func:`ambient_autocast`)."""
+    with contextlib.ExitStack() as stack:
+        for device, dtype in regions:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        yield
 
 
 @contextlib.contextmanager
@@ -398,6 +444,10 @@ def twice_differentiable() -> Iterator[None]:
     """
     with sdpa_kernel(SDPBackend.MATH):
         yield
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _norm_buffers(m: nn.Module) -> list[Tensor | None]:

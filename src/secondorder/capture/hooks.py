@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -48,10 +49,40 @@ Modeled = nn.Module  # a module with a registered layer block (see capture.block
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module behind a ``DistributedDataParallel``/``DataParallel`` wrapper."""
-    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+    """The user's module behind ``DistributedDataParallel`` / ``DataParallel`` wrappers and
+    ``torch.compile`` (whose parameters and submodules are the original module's)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif is_compiled(model):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is ``torch.compile``'s wrapper (``OptimizedModule``)."""
+    return type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    )
+
+
+def has_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a wrapper inside it is ``torch.compile``'d."""
+    while True:
+        if is_compiled(model):
+            return True
+        if not isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            return False
         model = model.module
-    return model
+
+
+@contextmanager
+def eager() -> Iterator[None]:
+    """``torch.compile``'d code runs as the original Python inside (``set_stance("force_eager")``):
+    the optimizer's recorded passes see every module call, hook and autograd node."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 def block(module: nn.Module) -> LayerBlock:
@@ -288,6 +319,13 @@ def _functional_linear_capture(
         F.linear = original
 
 
+def at_least(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in at least the precision of ``dtype`` (floating ``t`` only; ``t`` itself if it has it)."""
+    if not t.is_floating_point():
+        return t
+    return t.to(torch.promote_types(t.dtype, dtype))
+
+
 class HookNeverFiredError(RuntimeError):
     """A registered layer took no part in the forward pass of a capture phase."""
 
@@ -301,6 +339,9 @@ class Capture:
         for a plain module it is the block's registered for it, else the first argument)."""
         self.blocks = {n: m if isinstance(m, LayerBlock) else block_for(m) for n, m in modules.items()}
         self.modules = {n: m.module if isinstance(m, LayerBlock) else m for n, m in modules.items()}
+        #: the least precision of the recorded ``inputs`` and ``output_grads``: a half-precision
+        #: activation (autocast) is kept in this dtype, the statistics' (float32 by default)
+        self.dtype = torch.float32
         logger.info("capturing %d layers: %s", len(self.modules), ", ".join(self.modules) or "(none)")
 
     @contextmanager
@@ -327,7 +368,7 @@ class Capture:
             def store_grad(grad: Tensor) -> None:
                 r = ref()
                 if r is not None:
-                    r.output_grads = grad.detach()
+                    r.output_grads = at_least(grad.detach(), self.dtype)
 
             block = self.blocks[rec.name]
 
@@ -344,7 +385,7 @@ class Capture:
                         if block is not None and module is not None
                         else args[0]
                     )
-                    rec.inputs = a.detach()
+                    rec.inputs = at_least(a.detach(), self.dtype)
                 if outputs:
                     rec.outputs = out
                 if output_grads and out.requires_grad:

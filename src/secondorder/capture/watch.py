@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .closure import Closure
-from .hooks import Capture, LayerRecord, unwrap
+from .closure import Closure, _at_least_float32
+from .hooks import Capture, LayerRecord, eager, has_compiled, unwrap
 from .likelihood import Likelihood, infer_likelihood
 
 
@@ -74,8 +74,9 @@ class WatchedBatch:
         return self.likelihood.sample(outputs, generator)
 
     def sampled_loss(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``loss_fn(outputs, t~)`` with ``t~`` drawn from the predictive distribution at ``outputs``."""
-        return self.loss_fn(outputs, self.sample_targets(outputs, generator))
+        """``loss_fn(outputs, t~)`` with ``t~`` drawn from the predictive distribution at ``outputs``
+        (half-precision outputs read in float32)."""
+        return self.loss_fn(_at_least_float32(outputs), self.sample_targets(outputs, generator))
 
 
 class Watch:
@@ -102,6 +103,7 @@ class Watch:
         on_loss: Callable[[Any, WatchedBatch], None] | None = None,
     ):
         self.module = unwrap(model)
+        self.compiled = has_compiled(model)  # watched forward passes then run eagerly
         self.loss_fn = loss_fn
         self.likelihood = infer_likelihood(loss_fn)
         self.capture = capture
@@ -115,11 +117,10 @@ class Watch:
         self._batch: WatchedBatch | None = None
         ref = weakref.ref(self)
         self._handles = [
-            self.module.register_forward_pre_hook(
-                lambda m, a, k: _call(ref, "_on_model", a, k), with_kwargs=True
-            ),
+            # on the outermost module (a DDP or torch.compile wrapper runs its hooks eagerly)
+            model.register_forward_pre_hook(lambda m, a, k: _call(ref, "_on_model", a, k), with_kwargs=True),
             # the layer hooks end with the model's forward (dL/dh still arrives in the backward)
-            self.module.register_forward_hook(lambda m, a, o: _call(ref, "_close", None, None)),
+            model.register_forward_hook(lambda m, a, o: _call(ref, "_close", None, None)),
             loss_fn.register_forward_pre_hook(lambda m, a, k: _call(ref, "_on_loss", a, k), with_kwargs=True),
         ]
         # the hooks go when the watch goes (with its optimizer)
@@ -136,10 +137,12 @@ class Watch:
         self.discard()
         batch = WatchedBatch(tuple(args), self.likelihood, self.loss_fn)
         spec = self._due(owner) if self.capture is not None else None
+        phase = contextlib.ExitStack()
+        if self.compiled:  # the optimizer's hooks and backward passes need the eager graph
+            phase.enter_context(eager())
         if spec is not None:
-            phase = contextlib.ExitStack()
             batch.records = phase.enter_context(self.capture.record(check=False, **spec))  # type: ignore[union-attr]
-            self._phase = phase
+        self._phase = phase
         self._batch = batch
 
     def _on_loss(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

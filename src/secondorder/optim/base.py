@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import Capture, Closure, PlainClosure, infer_likelihood, preserved_norm_buffers, unwrap
-from ..capture.closure import ForwardResult
+from ..capture.closure import ForwardResult, ambient_autocast, autocast_off, autocast_regions
+from ..capture.hooks import at_least, eager, has_compiled
 from ..capture.watch import Watch, WatchedBatch
 from ..linalg.finite import all_finite
 
@@ -94,6 +95,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         *,
         seed: int | None = None,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -106,12 +108,25 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             infer_likelihood(loss_fn)  # raises ValueError naming loss_fn for an unsupported loss
         #: the loss module a plain torch closure calls (``loss_fn=``), or None
         self.loss_fn = loss_fn
+        if factor_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"factor_dtype: torch.float32 or torch.float64, got {factor_dtype!r}")
+        #: the least precision of the curvature statistics (``factor_dtype=``)
+        self.factor_dtype = factor_dtype
         #: the hooks on the caller's forward for ``step()`` without a closure (:meth:`_watch_caller`)
         self.watch: Watch | None = None
         #: the preconditioner form: the step writes its direction into ``.grad`` (:meth:`_apply_update`)
         self.writes_grad = False
+        self._caller_autocast: list[tuple[str, torch.dtype]] = []  # the autocast step() was called in
         self.model = model
-        self.module = unwrap(model)
+        self.module = unwrap(model)  # behind DDP and torch.compile: parameter names are the module's
+        #: the model is ``torch.compile``'d: the passes of a method that needs more than the
+        #: gradient run eagerly (:func:`~secondorder.capture.hooks.eager`)
+        self.compiled = has_compiled(model)
+        if self.compiled and not hasattr(torch.compiler, "set_stance") and not self.steps_without_closure:
+            raise ValueError(
+                f"model: {self.method} runs its passes on a torch.compile'd model eagerly, which needs "
+                "torch >= 2.6 (torch.compiler.set_stance); pass the uncompiled module"
+            )
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("model: has no trainable parameters")
@@ -217,7 +232,14 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if self.watch is not None and closure is not None:  # the step runs its own passes
             self.watch.discard()
             watching = self.watch.paused()
-        with watching, preserved_norm_buffers(self.module, only_on_error=True):
+        self._caller_autocast = ambient_autocast()
+        if isinstance(closure, Closure):  # the model's forward passes run in the caller's autocast
+            closure.autocast = self._caller_autocast
+        # the curvature work runs outside autocast: statistics, inverses and updates in their dtypes;
+        # with a torch.compile'd model the passes of a method that records layers or differentiates
+        # twice run the original modules (compiled graphs hide both)
+        compiled = eager() if self.compiled and not self.steps_without_closure else nullcontext()
+        with watching, compiled, autocast_off(), preserved_norm_buffers(self.module, only_on_error=True):
             loss = self._step(closure)
         if plain_loss is not None:
             loss = plain_loss
@@ -300,7 +322,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if isinstance(closure, Closure):
             return self._forward_backward(closure)[0].loss.detach()
         self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_regions(self._caller_autocast):
             loss = closure()
         if not isinstance(loss, Tensor):
             loss = torch.as_tensor(loss)
@@ -392,6 +414,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if weight_decay != 0:
             p.mul_(1.0 - lr * weight_decay)
 
+    def _stat(self, t: Tensor) -> Tensor:
+        """``t`` in at least :attr:`factor_dtype` (a bf16 activation or gradient, say)."""
+        return at_least(t, self.factor_dtype)
+
     def _apply_update(self, p: Tensor, direction: Tensor, lr: float, weight_decay: float) -> None:
         """Decoupled weight decay and step: ``W <- W - lr (P + gamma W)`` (3.7.2, Alg. 15 line 19).
 
@@ -402,7 +428,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             grad_view(p).copy_(direction)
             return
         self._decay_weights(p, lr, weight_decay)
-        p.add_(direction, alpha=-lr)
+        p.add_(direction.to(p.dtype), alpha=-lr)
 
     # -------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

@@ -35,8 +35,10 @@ from torch import Tensor, nn
 
 from .. import distributed as D
 from ..capture import Closure, preserved_norm_buffers, unwrap
+from ..capture.hooks import at_least
+from ..linalg.finite import all_finite
 from . import hparams as H
-from .base import MomentumStyle, SecondOrderOptimizer
+from .base import MomentumStyle, NonFiniteError, SecondOrderOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +75,26 @@ def per_example_gradients(closure: Closure, targets: Tensor, names: list[str]) -
 
     def losses(ps: dict[str, Tensor], bs: dict[str, Tensor]) -> Tensor:
         out = torch.func.functional_call(module, (ps, bs), inputs, strict=False)
-        return likelihood.per_example_loss(out, targets)
+        return likelihood.per_example_loss(at_least(out, torch.float32), targets)  # as autocast would
 
-    return torch.func.jacrev(losses)(params, buffers)
+    try:
+        return torch.func.jacrev(losses)(params, buffers)
+    except RuntimeError as err:
+        # torch's batched backward of a normalisation layer under autocast mixes dtypes
+        # (pytorch/pytorch#184890): the same rows, one backward per example
+        if "expected scalar type" not in str(err):
+            raise
+    with torch.enable_grad():
+        ps = {n: p.requires_grad_() for n, p in params.items()}
+        per_example = losses(ps, buffers)
+        rows = [
+            torch.autograd.grad(l_n, list(ps.values()), retain_graph=True, allow_unused=True)
+            for l_n in per_example
+        ]
+    return {
+        n: torch.stack([r[i] if r[i] is not None else torch.zeros_like(p) for r in rows])
+        for i, (n, p) in enumerate(ps.items())
+    }
 
 
 class BlockFisher(SecondOrderOptimizer):
@@ -95,6 +114,10 @@ class BlockFisher(SecondOrderOptimizer):
         ValueError: an invalid hyper-parameter, or a module with more than ``max_block_dim`` parameters.
         loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
             it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``).
+        factor_dtype: the least precision of the curvature statistics, their inverses and the
+            directions (``torch.float32``; ``torch.float64`` allowed): half-precision activations
+            and gradients (autocast, bf16 parameters) are read in it, and each update is
+            returned in its parameter's dtype.
     """
 
     method = "block-fisher"
@@ -110,6 +133,7 @@ class BlockFisher(SecondOrderOptimizer):
         max_block_dim: int = MAX_BLOCK_DIM,
         seed: int | None = None,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         defaults = dict(
             **H.shared(
@@ -121,7 +145,7 @@ class BlockFisher(SecondOrderOptimizer):
             ),
         )
         self.max_block_dim = H.count("max_block_dim", max_block_dim)
-        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn, factor_dtype=factor_dtype)
         trainable = {n for n, _ in self.named_params()}
         self.blocks = {
             b: [n for n in names if n in trainable] for b, names in parameter_blocks(self.module).items()
@@ -152,7 +176,7 @@ class BlockFisher(SecondOrderOptimizer):
         m = closure.batch_size
         out = {}
         for b, pnames in self.blocks.items():
-            j = torch.cat([jac[n].reshape(m, -1) for n in pnames], dim=1)  # (m, d_l)
+            j = self._stat(torch.cat([jac[n].reshape(m, -1) for n in pnames], dim=1))  # (m, d_l)
             out[b] = torch.mm(j.t(), j).div_(m)
         D.all_reduce_mean(list(out.values()))
         return out
@@ -188,7 +212,7 @@ class BlockFisher(SecondOrderOptimizer):
             batch: dict[str, Tensor] = {}
             if not warm:
                 with self._curvature_timer():
-                    batch = self._batch_fisher(closure, result.outputs)
+                    batch = self._finite_fishers(self._batch_fisher(closure, result.outputs))
                 self.stats.forward_passes += 1
                 self.stats.backward_passes += 1
 
@@ -197,6 +221,22 @@ class BlockFisher(SecondOrderOptimizer):
                 self._update_fisher(batch, g["stat_decay"])
             self._apply_step(g)
         return result.loss.detach()
+
+    def _finite_fishers(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch's block Fishers that are finite: a product of finite per-example gradients
+        that overflowed (float32) is not stored, the block keeps its previous Fisher
+        (:meth:`_skip_statistics`); a block without one raises :class:`NonFiniteError` before any
+        state changes."""
+        bad = [b for b, f in batch.items() if not all_finite([f])]
+        first = [b for b in bad if "fisher" not in self.module_state.get(b, {})]
+        if first:
+            raise NonFiniteError(
+                f"{self.method}: non-finite curvature statistics at step {self.step_count} for "
+                f"{', '.join(first)}, which have no previous Fisher to keep"
+            )
+        for b in bad:
+            self._skip_statistics(b, "the block Fisher of the batch is not finite")
+        return {b: f for b, f in batch.items() if b not in bad}
 
     def _update_fisher(self, batch: dict[str, Tensor], beta: float) -> None:
         """``F_l <- beta F_l + (1 - beta) F_batch`` (weight ``max(1/(n+1), 1 - beta)`` without warm start)."""
@@ -224,7 +264,7 @@ class BlockFisher(SecondOrderOptimizer):
                 else self._momentum(p, p.grad, mu, MomentumStyle.ACCUMULATE.value)
                 for p in params
             ]
-            vec = torch.cat([m.reshape(-1) for m in moms])
+            vec = self._stat(torch.cat([m.reshape(-1) for m in moms]))
             direction = damped_solve(self.module_state[b]["fisher"], vec, lam)
             offset = 0
             for p in params:

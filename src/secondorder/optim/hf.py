@@ -69,6 +69,10 @@ class HessianFree(LMOptimizer):
         seed: seed of the optimizer's generator (random S2).
         loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
             it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``).
+        factor_dtype: the least precision of the curvature statistics, their inverses and the
+            directions (``torch.float32``; ``torch.float64`` allowed): half-precision activations
+            and gradients (autocast, bf16 parameters) are read in it, and each update is
+            returned in its parameter's dtype.
     """
 
     method = "hf"
@@ -92,6 +96,7 @@ class HessianFree(LMOptimizer):
         accept_threshold: float | None = None,
         seed: int | None = None,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         defaults = lm_hparams(
             lr=lr,
@@ -111,7 +116,7 @@ class HessianFree(LMOptimizer):
         defaults["cg_decay"] = H.positive("cg_decay", cg_decay, allow_zero=True)
         if defaults["cg_decay"] > 1:
             raise ValueError(f"cg_decay must be in [0, 1], got {cg_decay!r}")
-        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn, factor_dtype=factor_dtype)
 
     def _direction(self, closure: Closure, damping: float) -> tuple[Tensor, dict[str, Tensor], float | None]:
         group = self.param_groups[0]

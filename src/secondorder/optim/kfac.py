@@ -110,6 +110,10 @@ class KFAC(KroneckerFactoredOptimizer):
             diagonal ``v``; :mod:`secondorder.optim.kronecker`).
         loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
             it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``).
+        factor_dtype: the least precision of the curvature statistics, their inverses and the
+            directions (``torch.float32``; ``torch.float64`` allowed): half-precision activations
+            and gradients (autocast, bf16 parameters) are read in it, and each update is
+            returned in its parameter's dtype.
     """
 
     method = "kfac"
@@ -137,6 +141,7 @@ class KFAC(KroneckerFactoredOptimizer):
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
         fallback: str = Fallback.DIAGONAL.value,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         defaults = dict(
             **H.shared(
@@ -153,7 +158,14 @@ class KFAC(KroneckerFactoredOptimizer):
             momentum_style=H.choice("momentum_style", momentum_style, MomentumStyle),
         )
         super().__init__(
-            model, defaults, seed=seed, layers=layers, exclude=exclude, fallback=fallback, loss_fn=loss_fn
+            model,
+            defaults,
+            seed=seed,
+            layers=layers,
+            exclude=exclude,
+            fallback=fallback,
+            loss_fn=loss_fn,
+            factor_dtype=factor_dtype,
         )
         self.kron_blocks = {n: b for n, b in self.blocks.items() if b.curvature == "kronecker"}
         self.channel_blocks = {n: b for n, b in self.blocks.items() if b.curvature == "channel"}
@@ -185,7 +197,7 @@ class KFAC(KroneckerFactoredOptimizer):
             if dh is None or rec.inputs is None:
                 raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
             a = block.input_rows(rec.inputs)  # (m|T|, D)
-            g = block.output_rows(dh)  # (m|T|, d_o), unscaled dL/dh
+            g = self._stat(block.output_rows(dh))  # (m|T|, d_o), unscaled dL/dh
             t = block.num_locations(dh, m)
             if reduce and t > 1:  # rows are example-major: (m, |T|, .) -> one row per example
                 a = a.view(m, t, -1).mean(1)  # abar_n (the homogeneous 1 stays 1)
@@ -213,7 +225,7 @@ class KFAC(KroneckerFactoredOptimizer):
             if dh is None or rec.inputs is None:
                 raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
             self._check_tensors("curvature statistics", [rec.inputs, dh])
-            gram = block.gradient_gram(rec.inputs, dh, m, per_example=reduce)  # type: ignore[attr-defined]
+            gram = block.gradient_gram(rec.inputs, self._stat(dh), m, per_example=reduce)  # type: ignore[attr-defined]
             out[name] = gram.mul_(factor * factor / m)
         return out
 
@@ -438,9 +450,13 @@ class KFAC(KroneckerFactoredOptimizer):
             gb = momentum(b) if b is not None and b.grad is not None else None
             st = self.module_state[name]
             if block.curvature == "channel":  # (F_c + lam I)^-1 [dgamma_c, dbeta_c] per channel
-                direction = torch.einsum("cij,cj->ci", st["fisher_inv"], block.grad_matrix(gw, gb))
+                direction = torch.einsum(
+                    "cij,cj->ci", st["fisher_inv"], self._stat(block.grad_matrix(gw, gb))
+                )
             else:
-                direction = kron_apply(st["gamma_inv"], block.grad_matrix(gw, gb), st["omega_inv"])
+                direction = kron_apply(
+                    st["gamma_inv"], self._stat(block.grad_matrix(gw, gb)), st["omega_inv"]
+                )
             pw, pb = block.split_matrix(direction)
             tw, tb = block.update_targets()
             self._apply_update(tw, pw, lr, wd)

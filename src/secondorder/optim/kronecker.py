@@ -138,14 +138,16 @@ class KroneckerFactoredOptimizer(SecondOrderOptimizer):
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
         fallback: str = Fallback.DIAGONAL.value,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         defaults = dict(defaults, fallback=H.choice("fallback", fallback, Fallback))
-        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn, factor_dtype=factor_dtype)
         usable = {n: b for n, b in layer_blocks(self.module).items() if b.curvature in self.block_kinds}
         self.blocks = self._choose_blocks(usable, _specs("layers", layers), _specs("exclude", exclude))
         self._refuse_tied_weights()
         self.layers = {name: b.module for name, b in self.blocks.items()}
         self.capture = Capture(self.blocks)
+        self.capture.dtype = self.factor_dtype  # half-precision activations are kept in it
         modeled = {id(p) for b in self.blocks.values() for p in b.parameters()}
         self.other_params = [n for n, p in self.named_params() if id(p) not in modeled]
         logger.info(

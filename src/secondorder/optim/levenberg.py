@@ -227,8 +227,9 @@ class LMOptimizer(SecondOrderOptimizer):
         *,
         seed: int | None = None,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
-        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn, factor_dtype=factor_dtype)
         self.lm_damping = float(defaults["damping"])  # lam_LM^(t)
 
     # ----------------------------------------------------------- hooks for subclasses
@@ -266,8 +267,12 @@ class LMOptimizer(SecondOrderOptimizer):
         return torch.randperm(n1, generator=self.generator, device=device)[:n2].sort().values
 
     def _grads(self) -> dict[str, Tensor]:
-        """The minibatch gradient ``g`` by name (zeros for parameters the loss does not reach)."""
-        return {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.named_params()}
+        """The minibatch gradient ``g`` by name (zeros for parameters the loss does not reach), in at
+        least ``factor_dtype``."""
+        return {
+            n: self._stat(p.grad) if p.grad is not None else torch.zeros_like(self._stat(p))
+            for n, p in self.named_params()
+        }
 
     def _step(self, closure: Closure) -> Tensor:
         group = self.param_groups[0]
@@ -284,7 +289,7 @@ class LMOptimizer(SecondOrderOptimizer):
             d_sq = float(sum(direction[n].pow(2).sum() for n in params))
             # p = -d: g^T p = -g^T d
             predicted = rule.predicted_reduction(-g_dot_d, d_sq, lam, curvature)
-            trial = {n: p - direction[n] for n, p in params.items()}
+            trial = {n: p - direction[n].to(p.dtype) for n, p in params.items()}
             trial_loss = closure.loss_at(trial).detach()
             self.stats.forward_passes += 1
             pair = torch.stack([loss.reshape(()).to(trial_loss.dtype), trial_loss.reshape(())])

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 
+import torch
 from torch import Tensor, nn
 
 from ..linalg.roots import inverse_root
@@ -68,6 +69,10 @@ class Shampoo(TensorFactoredOptimizer):
         max_factor_dim: modes larger than this get a diagonal factor (4096).
         loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
             it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``).
+        factor_dtype: the least precision of the curvature statistics, their inverses and the
+            directions (``torch.float32``; ``torch.float64`` allowed): half-precision activations
+            and gradients (autocast, bf16 parameters) are read in it, and each update is
+            returned in its parameter's dtype.
     """
 
     method = "shampoo"
@@ -88,6 +93,7 @@ class Shampoo(TensorFactoredOptimizer):
         root_method: str = RootMethod.AUTO.value,
         max_factor_dim: int = MAX_FACTOR_DIM,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         defaults = dict(
             **H.shared(
@@ -102,7 +108,14 @@ class Shampoo(TensorFactoredOptimizer):
             inverse_timing=H.choice("inverse_timing", inverse_timing, InverseTiming),
             root_method=H.choice("root_method", root_method, RootMethod),
         )
-        super().__init__(model, defaults, seed=None, max_factor_dim=max_factor_dim, loss_fn=loss_fn)
+        super().__init__(
+            model,
+            defaults,
+            seed=None,
+            max_factor_dim=max_factor_dim,
+            loss_fn=loss_fn,
+            factor_dtype=factor_dtype,
+        )
 
     def _inverse_due(self, k: int, stats_due: bool) -> bool:
         g = self.param_groups[0]

@@ -199,6 +199,7 @@ class _SMW(LMOptimizer):
             and all(id(p) in trainable and owners[id(p)] == 1 for p in mod.parameters(recurse=False))
         }
         self.capture = Capture(self.kron_layers)
+        self.capture.dtype = self.factor_dtype  # half-precision activations are kept in it
         logger.info(
             "%s: Kronecker Gram for %d Linear layers (%s); explicit per-example rows for %s",
             self.method,
@@ -235,7 +236,7 @@ class _SMW(LMOptimizer):
                         raise C.HookNeverFiredError(f"layer '{name}' ran but does not reach the loss")
                     a, g = _factors(module, rec.inputs, rec.output_grads, n1)
                     g = factor * g[idx].unsqueeze(1)  # (N2, 1, T, d_o)
-                    blocks[name] = _KronBlock(module, self.blocks[name][1], g, a[idx])
+                    blocks[name] = _KronBlock(module, self.blocks[name][1], self._stat(g), a[idx])
             hess = self._s2_blocks(closure, idx, {} if reuse else kron, blocks)
             curvature = [t for b in blocks.values() for t in b.tensors()]
             self._check_tensors("curvature", curvature + ([hess] if hess is not None else []))
@@ -272,7 +273,7 @@ class _SMW(LMOptimizer):
             hess = None
             if self.curvature == "gn":
                 out = z.reshape(n2, -1)  # rows of J: d yhat_ij / d theta
-                hess = likelihood.hessian(z)
+                hess = self._stat(likelihood.hessian(z))
             else:
                 if self._fisher == Fisher.SAMPLED.value:
                     targets = closure.sample_targets(z, self.generator)
@@ -298,7 +299,7 @@ class _SMW(LMOptimizer):
                         raise C.HookNeverFiredError(f"layer '{name}' ran but does not reach the loss")
                     a, _ = _factors(module, recs[name].inputs, recs[name].outputs, n2)
                     g = C.output_rows(module, gk.reshape(-1, *gk.shape[2:])).reshape(k, n2, a.shape[1], -1)
-                    blocks[name] = _KronBlock(module, self.blocks[name][1], g.transpose(0, 1), a)
+                    blocks[name] = _KronBlock(module, self.blocks[name][1], self._stat(g.transpose(0, 1)), a)
             if dense:
                 r = n2 * k
                 names = [n for m in dense for n in self.blocks[m][1]]
@@ -314,7 +315,7 @@ class _SMW(LMOptimizer):
                 for m in dense:
                     ns = self.blocks[m][1]
                     mat = torch.cat([full[n].reshape(r, -1) for n in ns], dim=1)
-                    blocks[m] = _DenseBlock(ns, [by_name[n].shape for n in ns], mat)
+                    blocks[m] = _DenseBlock(ns, [by_name[n].shape for n in ns], self._stat(mat))
         return hess
 
     def _solve(
@@ -393,7 +394,11 @@ _LM_DOC = """
         accept_threshold: eta of Theorem 6: take the step only if rho >= eta (None: always, Alg. 23).
         seed: seed of the optimizer's generator (random S2, sampled targets).
         loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
-            it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``)."""
+            it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``).
+        factor_dtype: the least precision of the curvature statistics, their inverses and the
+            directions (``torch.float32``; ``torch.float64`` allowed): half-precision activations
+            and gradients (autocast, bf16 parameters) are read in it, and each update is
+            returned in its parameter's dtype."""
 
 
 class SMWNG(_SMW):
@@ -425,6 +430,7 @@ class SMWNG(_SMW):
         accept_threshold: float | None = None,
         seed: int | None = None,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         defaults = lm_hparams(
             lr=lr,
@@ -440,7 +446,7 @@ class SMWNG(_SMW):
             accept_threshold=accept_threshold,
         )
         defaults["fisher"] = H.choice("fisher", fisher, Fisher)
-        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn, factor_dtype=factor_dtype)
         self._setup()
 
 
@@ -478,6 +484,7 @@ class SMWGN(_SMW):
         accept_threshold: float | None = None,
         seed: int | None = None,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         defaults = lm_hparams(
             lr=lr,
@@ -492,5 +499,5 @@ class SMWGN(_SMW):
             model_reduction=model_reduction,
             accept_threshold=accept_threshold,
         )
-        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn, factor_dtype=factor_dtype)
         self._setup()

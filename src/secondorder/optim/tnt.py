@@ -136,8 +136,9 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
         seed: int | None,
         max_factor_dim: int,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
-        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn)
+        super().__init__(model, defaults, seed=seed, loss_fn=loss_fn, factor_dtype=factor_dtype)
         if self.sampled_fisher:  # without a closure the sampled backward runs at the caller's loss
             self._watch_caller(None, lambda opt: None, lambda opt, batch: opt._watch_loss(batch))
         self.max_factor_dim = H.count("max_factor_dim", max_factor_dim)
@@ -180,7 +181,7 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
         out = {}
         for name, g in grads.items():
             view = self.views[name]
-            out[name] = contractions(g.reshape(view.shape), view.diagonal)
+            out[name] = contractions(self._stat(g).reshape(view.shape), view.diagonal)
         # a contraction that overflowed (float32) is not stored: the previous factors are kept;
         # a tensor without previous factors raises before any state changes
         bad = [n for n, cs in out.items() if not all_finite(cs)]
@@ -346,8 +347,10 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
                 self._apply_update(p, m, lr, wd)
                 continue
             shape = self.views[name].shape
-            if self.writes_grad:  # the preconditioner form: the direction replaces the gradient
-                self._apply_update(p, multi_mode_product(m.reshape(shape), precond).reshape(p.shape), lr, wd)
+            if self.writes_grad or p.dtype != precond[0].dtype:  # the preconditioner form, or a
+                # half-precision parameter: the direction in the factors' dtype, then applied
+                direction = multi_mode_product(self._stat(m).reshape(shape), precond).reshape(p.shape)
+                self._apply_update(p, direction, lr, wd)
                 continue
             self._decay_weights(p, lr, wd)
             if p.is_contiguous():  # W <- W - alpha p without forming p (one GEMM for a matrix)
@@ -372,6 +375,10 @@ class TNT(TensorFactoredOptimizer):
         seed: seed of the optimizer's generator for sampled targets (default ``torch.initial_seed()``).
         loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
             it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``).
+        factor_dtype: the least precision of the curvature statistics, their inverses and the
+            directions (``torch.float32``; ``torch.float64`` allowed): half-precision activations
+            and gradients (autocast, bf16 parameters) are read in it, and each update is
+            returned in its parameter's dtype.
     """
 
     method = "tnt"
@@ -391,6 +398,7 @@ class TNT(TensorFactoredOptimizer):
         max_factor_dim: int = MAX_FACTOR_DIM,
         seed: int | None = None,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         defaults = dict(
             **H.shared(
@@ -403,7 +411,14 @@ class TNT(TensorFactoredOptimizer):
                 inverse_freq=inverse_freq,
             ),
         )
-        super().__init__(model, defaults, seed=seed, max_factor_dim=max_factor_dim, loss_fn=loss_fn)
+        super().__init__(
+            model,
+            defaults,
+            seed=seed,
+            max_factor_dim=max_factor_dim,
+            loss_fn=loss_fn,
+            factor_dtype=factor_dtype,
+        )
 
     def _preconditioner(self, factors: list[Tensor], view: TensorView, damping: float) -> list[Tensor]:
         """Lines 15-16: ``U~_i`` by (4.10), then ``(U~_i + eps I)^-1``."""
@@ -434,6 +449,7 @@ class TNTEF(TNT):
         max_factor_dim: int = MAX_FACTOR_DIM,
         seed: int | None = None,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         super().__init__(
             model,
@@ -447,4 +463,5 @@ class TNTEF(TNT):
             max_factor_dim=max_factor_dim,
             seed=seed,
             loss_fn=loss_fn,
+            factor_dtype=factor_dtype,
         )

@@ -58,6 +58,7 @@ class KBFGSBase(CurvatureUpdates, KroneckerFactoredOptimizer):
         exclude: LayerSpec | Iterable[LayerSpec] | None,
         fallback: str,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
         history_size: int | None = None,
     ) -> None:
         mu1 = H.fraction("mu1", mu1)
@@ -86,7 +87,15 @@ class KBFGSBase(CurvatureUpdates, KroneckerFactoredOptimizer):
         if history_size is not None:
             defaults["history_size"] = H.count("history_size", history_size)
         self._check_dd_damping(defaults)
-        super().__init__(model, defaults, layers=layers, exclude=exclude, fallback=fallback, loss_fn=loss_fn)
+        super().__init__(
+            model,
+            defaults,
+            layers=layers,
+            exclude=exclude,
+            fallback=fallback,
+            loss_fn=loss_fn,
+            factor_dtype=factor_dtype,
+        )
         self._logged: set[tuple[str, str]] = set()  # (layer, event) already logged once
         self._pending_diagonals: dict[Tensor, Tensor] = {}  # fallback diagonals of the step
 
@@ -114,15 +123,14 @@ class KBFGSBase(CurvatureUpdates, KroneckerFactoredOptimizer):
         block = self.blocks[name]
         d_o = block.output_dim
         w = block.weight
+        dtype, device = torch.promote_types(w.dtype, self.factor_dtype), w.device  # as the statistics
         gamma = self._initial_gamma(lam_g)
         if self.limited_memory:
-            st.update(LB.lbfgs_empty(d_o, gamma, dtype=w.dtype, device=w.device).as_state())
+            st.update(LB.lbfgs_empty(d_o, gamma, dtype=dtype, device=device).as_state())
         else:
-            st["h_g"] = torch.eye(d_o, dtype=w.dtype, device=w.device).mul_(gamma)
-        st["s_g"] = w.new_zeros(d_o)
-        st["y_g"] = w.new_zeros(d_o)
-        st["y_g_bound"] = w.new_zeros(d_o)  # b_y of the round-off rule
-        st["y_g_scale"] = w.new_zeros(d_o)  # r_y
+            st["h_g"] = torch.eye(d_o, dtype=dtype, device=device).mul_(gamma)
+        for key in ("s_g", "y_g", "y_g_bound", "y_g_scale"):  # y_g_bound, y_g_scale: b_y, r_y of
+            st[key] = torch.zeros(d_o, dtype=dtype, device=device)  # the round-off rule
 
     def _initial_gamma(self, lam_g: float) -> float:
         """``H_G`` starts at ``gamma I``: ``1/lambda_G`` (Alg. 9 line 3) or 1 (Alg. 4 line 3)."""
@@ -213,7 +221,7 @@ class KBFGSBase(CurvatureUpdates, KroneckerFactoredOptimizer):
             rec = recs[name]
             if rec.output_grads is None or rec.inputs is None or rec.outputs is None:
                 raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
-            h = rec.outputs.detach()
+            h = self._stat(rec.outputs.detach())
             out_hw = block.output_spatial_shape(h)
             out[name] = _Pass1(
                 inputs=rec.inputs,
@@ -253,7 +261,7 @@ class KBFGSBase(CurvatureUpdates, KroneckerFactoredOptimizer):
         for (name, block), h, dh in zip(self.blocks.items(), hs, grads, strict=False):
             if dh is None:
                 raise C.HookNeverFiredError(f"layer '{name}' ran but its output does not reach the loss")
-            h = h.detach()
+            h, dh = self._stat(h.detach()), self._stat(dh)
             out[name] = _Pass2(
                 h_mean=block.spatial_mean(h),
                 g_mean=block.spatial_mean(dh).mul_(factor),
@@ -313,7 +321,7 @@ class KBFGSBase(CurvatureUpdates, KroneckerFactoredOptimizer):
                     grad_b = self._gradient(b) if b.grad is not None else torch.zeros_like(b)
                     momenta[b] = self._new_momentum(b, grad_b, mu, style)
                 gb = momenta[b]
-            pw, pb = block.split_matrix(self._precondition(name, block.grad_matrix(gw, gb)))
+            pw, pb = block.split_matrix(self._precondition(name, self._stat(block.grad_matrix(gw, gb))))
             tw, tb = block.update_targets()
             self._apply_update(tw, pw, lr, wd)
             if tb is not None and pb is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..base import MomentumStyle
@@ -50,6 +51,10 @@ class KBFGS(KBFGSBase):
             (``m / (v + lam)`` with the naive diagonal ``v``; :mod:`secondorder.optim.kronecker`).
         loss_fn: the loss module instance a plain torch closure calls (``nn.CrossEntropyLoss()``, ...);
             it lets ``step`` take such a closure (see ``SecondOrderOptimizer.step``).
+        factor_dtype: the least precision of the curvature statistics, their inverses and the
+            directions (``torch.float32``; ``torch.float64`` allowed): half-precision activations
+            and gradients (autocast, bf16 parameters) are read in it, and each update is
+            returned in its parameter's dtype.
     """
 
     method = "kbfgs"
@@ -75,6 +80,7 @@ class KBFGS(KBFGSBase):
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
         fallback: str = Fallback.DIAGONAL.value,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         self._setup(**_arguments(locals()))
 
@@ -111,6 +117,7 @@ class KBFGSL(KBFGSBase):
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
         fallback: str = Fallback.DIAGONAL.value,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         self._setup(**_arguments(locals()))
 
@@ -147,6 +154,7 @@ class KBFGS20(KBFGSBase):
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
         fallback: str = Fallback.DIAGONAL.value,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         self._setup(**_arguments(locals()))
 
@@ -184,5 +192,6 @@ class KBFGSL20(KBFGSBase):
         exclude: LayerSpec | Iterable[LayerSpec] | None = None,
         fallback: str = Fallback.DIAGONAL.value,
         loss_fn: nn.Module | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ):
         self._setup(**_arguments(locals()))
