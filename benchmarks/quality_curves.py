@@ -8,8 +8,7 @@ losses of ``kfac``, ``kbfgs``, ``kbfgsl`` and ``tnt`` lie below SGD-m's.
 
 Everything goes through one SQLite store (``OUT/bench.sqlite``), so an interrupted run resumes and
 the ablation reuses the ``kbfgs`` and ``kbfgs20`` runs; reports land in ``OUT/ch3`` and
-``OUT/ablation`` (summary.md, summary.json, plots). Methods that are not implemented yet are
-listed and skipped.
+``OUT/ablation`` (summary.md, summary.json, plots).
 
 Usage::
 
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-budget", type=float, default=60.0, help="process seconds per run (default 60)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--methods", help="comma-separated ch3 rows (default: every implemented default row)")
+    p.add_argument("--methods", help="comma-separated ch3 rows (default: every default row)")
     p.add_argument("--no-ablation", action="store_true", help="skip the Table 3.8 ablation")
     p.add_argument("--out", type=Path, default=Path("bench-out/quality-curves"))
     p.add_argument("--cache-dir", type=Path)
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for label in (*MUST_BEAT_SGD, "kfac-pi1"):
         if label not in means:
             if label in MUST_BEAT_SGD:
-                print(f"{label}: not run (not implemented yet or not selected)")
+                print(f"{label}: not run (not selected)")
             continue
         ok = means[label] < sgd
         status |= 0 if ok or label not in MUST_BEAT_SGD else 1

@@ -1,4 +1,4 @@
-"""Per-step cost of every implemented method relative to SGD-m, measured in the same run.
+"""Per-step cost of every method relative to SGD-m, measured in the same run.
 
 The thesis MNIST autoencoder (784-1000-500-250-30-250-500-1000-784, ReLU, linear code layer,
 logits + BCE summed over pixels), batch 1000, random inputs in [0, 1], on the CPU by default.
@@ -13,7 +13,7 @@ cost of an ordinary step. Wall clock, ``time.perf_counter``.
 
 Usage::
 
-    python benchmarks/step_cost.py                      # all implemented methods, CPU
+    python benchmarks/step_cost.py                      # all methods, CPU
     python benchmarks/step_cost.py --methods kfac,kbfgs --steps 20
     python benchmarks/step_cost.py --device cuda --json out.json
     python benchmarks/step_cost.py --problem transformer   # a 2-layer character transformer
@@ -145,9 +145,7 @@ def time_config(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--methods", default="", help="comma-separated labels or keys (default: all implemented)"
-    )
+    parser.add_argument("--methods", default="", help="comma-separated labels or keys (default: all)")
     parser.add_argument("--steps", type=int, default=40, help="timed steps (a multiple of T2 = 20)")
     parser.add_argument(
         "--warmup", type=int, default=25, help="untimed steps (past the first T2 steps of frequent inverses)"
@@ -175,7 +173,7 @@ def main() -> None:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    available = set(so.implemented())
+    available = set(so.METHODS)
     wanted = set(args.methods.split(",")) if args.methods else None
     configs = [
         c for c in CONFIGS if c[1] in available and (wanted is None or c[0] in wanted or c[1] in wanted)

@@ -20,7 +20,7 @@ import secondorder as so
 
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="kbfgs", choices=so.implemented())
+    parser.add_argument("--method", default="kbfgs", choices=list(so.METHODS))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--examples", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=128)

@@ -40,7 +40,6 @@ DETERMINISTIC = [
         "smw-gn",
         "hf",
     )
-    if n in so.implemented()
 ] + [
     "kbfgs+diagonal",  # K-BFGS with a Linear left to the diagonal fallback
     # plain torch closures (loss_fn= at construction) on the DDP-wrapped model

@@ -47,7 +47,6 @@ from .optim import (
     SecondOrderOptimizer,
     Shampoo,
     UnmodeledParametersWarning,
-    implemented,
     make_optimizer,
 )
 
@@ -82,7 +81,6 @@ __all__ = [
     "capture",
     "diagnostics",
     "distributed",
-    "implemented",
     "infer_likelihood",
     "linalg",
     "losses",

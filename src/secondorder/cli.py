@@ -4,7 +4,8 @@ Subcommands:
 
 * ``secondorder bench ...`` -- the thesis benchmark suite (see ``secondorder bench --help``);
 * ``secondorder demo`` -- a one-minute sanity run: SGD-m and KFAC on a generated problem;
-* ``secondorder methods`` -- the factory keys and whether this version implements them.
+* ``secondorder methods`` -- each factory key with its class and a line on the method;
+* ``secondorder --version``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+
+from . import __version__
 
 
 def _bench_module():
@@ -28,6 +31,7 @@ def _bench_module():
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secondorder", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the optimizers model")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command")
     bench = _bench_module()
     if bench is not None:
@@ -36,8 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=10)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--optimizers", default="sgd,kfac", help="comma-separated factory keys")
-    sub.add_parser("methods", help="list the optimizers and their status")
+    sub.add_parser("methods", help="list the optimizers: factory key, class, what the method is")
     return parser
+
+
+def _demo_problem(epochs: int, names: list[str], known: list[str]) -> str | None:
+    """What is wrong with ``demo``'s arguments, or ``None``."""
+    if epochs < 1:
+        return f"--epochs must be >= 1, got {epochs}"
+    unknown = [x for x in names if x not in known]
+    if unknown:
+        return f"--optimizers: unknown {', '.join(repr(x) for x in unknown)}; known: {', '.join(known)}"
+    twice = sorted({x for x in names if names.count(x) > 1})
+    if twice:
+        return f"--optimizers: {', '.join(twice)} named twice"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,14 +70,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(10, 0, ["sgd", "kfac"])
     if args.command == "demo":
         from .demo import run_demo
+        from .optim import METHODS
 
-        return run_demo(args.epochs, args.seed, args.optimizers.split(","))
+        names = [x.strip() for x in args.optimizers.split(",")]
+        problem = _demo_problem(args.epochs, names, list(METHODS))
+        if problem:
+            print(f"secondorder demo: {problem}", file=sys.stderr)
+            return 2
+        return run_demo(args.epochs, args.seed, names)
     if args.command == "methods":
-        from .optim import METHODS, implemented
+        from .optim import METHODS, optimizer_class
 
-        done = set(implemented())
         for name in METHODS:
-            print(f"{name:14s} {'implemented' if name in done else 'not implemented yet'}")
+            cls = optimizer_class(name)
+            line = (cls.__doc__ or "").strip().splitlines()[0].replace("``", "")
+            print(f"{name:13s} so.{cls.__name__:12s} {line}")
         return 0
     return _bench_module().main(args)  # type: ignore[union-attr]
 

@@ -44,6 +44,19 @@ def demo_model(d: int = 64) -> nn.Sequential:
 
 
 def run_demo(epochs: int, seed: int, names: list[str], batch: int = 100) -> int:
+    """Train the demo problem with each optimizer and print its losses per epoch.
+
+    One torch thread, as ``secondorder bench`` on the CPU (the times are process time, which
+    counts every thread; tiny layers run fastest on one), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(epochs, seed, names, batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(epochs: int, seed: int, names: list[str], batch: int) -> int:
     x = demo_data(seed)
     loss_fn = losses.SummedBCEWithLogitsLoss()
     print(

@@ -56,7 +56,7 @@ def _tiny(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def test_end_to_end_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    labels = ["sgd", "kfac"] + (["kbfgs"] if "kbfgs" in G._implemented_keys() else [])
+    labels = ["sgd", "kfac", "kbfgs"]
     threads = torch.get_num_threads()
     code = cli.main(_tiny(tmp_path, "--optimizers", ",".join(labels), "--seeds", "2", "--report", "dd"))
     assert code == 0
@@ -100,12 +100,7 @@ def test_missing_data_is_a_message_not_a_traceback(
     assert "Traceback" not in err
 
 
-def test_not_implemented_and_bad_options(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(G, "_implemented_keys", lambda: ["sgd", "adam", "kfac"])
-    assert cli.main(_tiny(tmp_path, "--optimizers", "sgd,tnt")) == 2
-    assert "not implemented yet in this version: tnt" in capsys.readouterr().err
+def test_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(_tiny(tmp_path, "--seeds", "0")) == 2
     assert "--seeds must be >= 1" in capsys.readouterr().err
     assert cli.main(_tiny(tmp_path, "--report", "nope")) == 2
@@ -123,7 +118,7 @@ def test_list_rows(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_defaults(tmp_path: Path) -> None:
-    """No arguments: curves on the generated data, the implemented thesis methods, a quick time budget."""
+    """No arguments: curves on the generated data, the thesis methods, a quick time budget."""
     args = cli.build_parser().parse_args(["bench"])
     config = bench_cli.config_from_args(args)
     assert (config.problem, config.seeds, config.hp_mode, config.suite_name) == ("curves", 1, "best", "ch3")
@@ -137,8 +132,7 @@ def test_defaults(tmp_path: Path) -> None:
         bench = G.Benchmark(config, store, dataset=small)
         assert bench.budget_for("kfac") == Budget(seconds=G.QUICK_CURVES_SECONDS)
         assert bench.clock == "process" and bench.batch == 1000
-        implemented = set(G._implemented_keys())
-        expected = [r.label for r in PR.rows_for("ch3", "curves") if r.default and r.method in implemented]
+        expected = [r.label for r in PR.rows_for("ch3", "curves") if r.default]
         assert [r.label for r in bench.rows] == expected
 
 
@@ -205,3 +199,142 @@ def test_ablation_table_averages_finished_runs_only() -> None:
     text = reports.ablation_table(outcome)  # type: ignore[arg-type]
     assert "| kbfgs | yes | yes | 55.000 ± 7.071 | 3 (1 diverged) | 55.46 |" in text
     assert "kbfgs-no-dpdlm | no | yes | — | 0 | 55.86" in text
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "--optimizers: empty; name one or more rows or factory keys (see --list)"),
+        ("sgd,,kfac", "--optimizers: an empty name in 'sgd,,kfac'"),
+        ("sgd,kfac,sgd", "--optimizers: sgd named twice (use --seeds for repeated runs)"),
+    ],
+)
+def test_optimizer_lists_are_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, message: str
+) -> None:
+    assert cli.main(_tiny(tmp_path, "--optimizers", value)) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"secondorder bench: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unusable_out_is_one_line_and_a_failed_run_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    quick = ["bench", "--problem", "curves", "--epochs", "1"]
+    assert cli.main([*quick, "--out", str(a_file)]) == 2
+    assert (
+        capsys.readouterr().err.strip() == f"secondorder bench: --out: {a_file} exists and is not a directory"
+    )
+    assert cli.main([*quick, "--out", str(a_file / "sub")]) == 2
+    assert capsys.readouterr().err.strip() == f"secondorder bench: --out: {a_file} is not a directory"
+    # a data error after the directory was made: the directory goes again
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "fresh" / "out"
+    code = cli.main(["bench", "--problem", "mnist", "--data-dir", str(empty), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.startswith("secondorder bench: data error: mnist")
+    assert not (tmp_path / "fresh").exists()
+    # in a directory that existed: only what the call made goes
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert cli.main(["bench", "--problem", "mnist", "--data-dir", str(empty), "--out", str(kept)]) == 2
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+
+
+def test_hp_grid_for_a_row_without_a_grid_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(_tiny(tmp_path, "--optimizers", "sgd,rmsprop", "--hp", "grid")) == 2
+    err = capsys.readouterr().err
+    assert "--hp grid: no thesis grid for rmsprop on curves" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_version_and_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    import secondorder as so
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"secondorder {so.__version__}"
+    assert cli.main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == list(so.METHODS)
+    kfac = next(ln for ln in lines if ln.startswith("kfac "))
+    assert "so.KFAC" in kfac and "Algorithm 12" in kfac
+    assert "not implemented" not in "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--optimizers", "kfacc"], "--optimizers: unknown 'kfacc'; known: sgd"),
+        (["--epochs", "-3"], "--epochs must be >= 1, got -3"),
+        (["--optimizers", "sgd,sgd"], "--optimizers: sgd named twice"),
+    ],
+)
+def test_demo_errors_are_one_line(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    assert cli.main(["demo", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"secondorder demo: {message}") and len(err.strip().splitlines()) == 1
+
+
+def test_demo_runs_on_one_thread_and_restores_the_count(capsys: pytest.CaptureFixture[str]) -> None:
+    from secondorder import demo
+
+    seen = []
+    real = demo._run_demo
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the caller's setting (the suite runs on one thread)
+    try:
+        demo._run_demo = lambda *a: seen.append(torch.get_num_threads()) or 0  # type: ignore[assignment]
+        assert cli.main(["demo", "--epochs", "1"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        demo._run_demo = real  # type: ignore[assignment]
+        torch.set_num_threads(before)
+    assert seen == [1]
+
+
+def test_parse_label_reads_overrides() -> None:
+    assert G.parse_label("kfac") == ("kfac", {})
+    label, hp = G.parse_label("kfac:lr=0.1:damping=3:pi=none:double_grad=true")
+    assert label == "kfac" and hp == {"lr": 0.1, "damping": 3, "pi": "none", "double_grad": True}
+    assert isinstance(hp["damping"], int) and isinstance(hp["lr"], float)
+    with pytest.raises(G.BenchError, match="expected name=value after ':', got 'lr'"):
+        G.parse_label("kfac:lr")
+    with pytest.raises(G.BenchError, match="lr is set twice"):
+        G.parse_label("kfac:lr=1:lr=2")
+    rows, _ = G.select_rows(G.BenchConfig(labels=("kfac:damping=3", "kfac")))
+    assert [r.label for r in rows] == ["kfac:damping=3", "kfac"]
+    assert rows[0].hp == {**rows[1].hp, "damping": 3} and "damping" not in rows[0].grid
+    assert "lr" in rows[0].grid and "set on the command line: damping=3" in rows[0].source
+
+
+def test_a_hyper_parameter_override_is_a_run_of_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sgd`` and ``sgd:lr=0.5`` side by side: two rows, recorded with their values, two runs in
+    the store; another value is another run, never a cache hit; a bad value or name is the
+    library's message, before anything runs."""
+    assert cli.main(_tiny(tmp_path, "--optimizers", "sgd,sgd:lr=0.5")) == 0
+    doc = json.loads((tmp_path / "out" / "summary.json").read_text())
+    runs = {r["optimizer"]: r for r in doc["runs"]}
+    assert set(runs) == {"sgd", "sgd:lr=0.5"}
+    assert runs["sgd:lr=0.5"]["hp"]["lr"] == 0.5 and runs["sgd"]["hp"]["lr"] != 0.5
+    assert runs["sgd"]["final_train_loss"] != runs["sgd:lr=0.5"]["final_train_loss"]
+    assert "| sgd:lr=0.5 |" in (tmp_path / "out" / "summary.md").read_text()
+    capsys.readouterr()
+    assert cli.main(_tiny(tmp_path, "--optimizers", "sgd:lr=0.25")) == 0
+    assert "read from the store" not in capsys.readouterr().err
+    with Store(tmp_path / "out" / "bench.sqlite") as store:
+        assert len(store.conn.execute("SELECT key FROM runs").fetchall()) == 3
+    assert cli.main(_tiny(tmp_path, "--optimizers", "kfac:damping=-1")) == 2
+    assert "damping" in capsys.readouterr().err
+    assert cli.main(_tiny(tmp_path, "--optimizers", "kfac:nope=1")) == 2
+    assert "unknown hyper-parameter(s) nope" in capsys.readouterr().err

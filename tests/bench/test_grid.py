@@ -192,18 +192,13 @@ def test_selection_criteria() -> None:
     assert G.criterion(failed, False) == float("inf")
 
 
-def test_select_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_select_rows() -> None:
     rows, skipped = G.select_rows(G.BenchConfig())
     labels = [r.label for r in rows]
     assert "kfac" in labels and "sgd" in labels and "kfac-ef" not in labels  # -EF rows are extras
     rows, _ = G.select_rows(G.BenchConfig(labels=("rmsprop",)))  # a factory key without a ch3 row
     assert rows[0].hp == {} and "library defaults" in rows[0].source
-    monkeypatch.setattr(G, "_implemented_keys", lambda: ["sgd", "adam", "kfac"])
-    rows, skipped = G.select_rows(G.BenchConfig())
-    assert [r.label for r in rows] == ["kfac", "adam", "sgd"]
-    assert skipped["kbfgs"] == "not implemented yet" and skipped["tnt"] == "not implemented yet"
-    with pytest.raises(G.BenchError, match="not implemented yet in this version: kbfgs"):
-        G.select_rows(G.BenchConfig(labels=("sgd", "kbfgs")))
+    assert not skipped
     with pytest.raises(G.BenchError, match="unknown optimizer 'nope'"):
         G.select_rows(G.BenchConfig(labels=("nope",)))
 

@@ -9,10 +9,8 @@ import torch
 
 from secondorder.bench import presets as PR
 from secondorder.bench import problems as P
-from secondorder.optim import implemented, make_optimizer
+from secondorder.optim import make_optimizer
 from secondorder.optim.registry import METHODS
-
-IMPLEMENTED = set(implemented())
 
 
 def _model(problem: str) -> torch.nn.Module:
@@ -31,8 +29,6 @@ def test_rows_build_their_optimizers(suite: str) -> None:
         model = _model(problem)
         for row in rows:
             assert row.method in METHODS, row.method
-            if row.method not in IMPLEMENTED:
-                continue
             make_optimizer(row.method, model, **row.hp)
             make_optimizer(row.method, model, **row.grid_points()[-1])
 
@@ -85,8 +81,6 @@ def test_chapter_conventions() -> None:
 
 
 def test_ablation_switches_match_the_kbfgs_options() -> None:
-    if "kbfgs" not in IMPLEMENTED:
-        pytest.skip("kbfgs not implemented")
     variants = importlib.import_module("secondorder.optim.kbfgs").VARIANTS
     assert PR.ABLATION_SWITCHES["improvement1_off"] == variants["improvement1-off"]
     assert PR.ABLATION_SWITCHES["improvement2_off"] == variants["improvement2-off"]

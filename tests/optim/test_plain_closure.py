@@ -15,7 +15,7 @@ import secondorder as so
 from secondorder.capture import PlainClosure
 from tests.helpers import TEST_HP, classification_data, image_data, tiny_conv_bn, tiny_mlp
 
-METHODS = so.implemented()
+METHODS = list(so.METHODS)
 SEEDED = {"kfac", "tnt", "smw-gn", "smw-ng", "smw-ng-bd", "hf", "block-fisher"}
 
 

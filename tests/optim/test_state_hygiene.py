@@ -12,7 +12,7 @@ from torch import nn
 import secondorder as so
 from tests.helpers import TEST_HP, classification_data, tiny_mlp
 
-METHODS = so.implemented()
+METHODS = list(so.METHODS)
 
 
 def build(key: str, model: nn.Module):

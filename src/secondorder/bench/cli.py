@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -62,8 +64,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--optimizers",
-        help="comma-separated rows of the suite (see --list) or factory keys; "
-        "default: the suite's thesis methods that are implemented",
+        help="comma-separated rows of the suite (see --list) or factory keys, each optionally with "
+        "hyper-parameters: kfac:lr=0.1:damping=3,adam (a row of its own, recorded with its values); "
+        "default: the suite's thesis methods",
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
@@ -143,6 +146,25 @@ def _curves_params(spec: str | None, seed: int) -> CV.CurvesParams | None:
     return CV.CurvesParams(**values)
 
 
+def _optimizer_labels(spec: str | None) -> tuple[str, ...] | None:
+    """``--optimizers``: the labels, or ``None`` (the suite's defaults) when the option is absent.
+
+    Raises:
+        ValueError: an empty list, an empty name or a name given twice.
+    """
+    if spec is None:
+        return None
+    labels = tuple(x.strip() for x in spec.split(","))
+    if not any(labels):
+        raise ValueError("--optimizers: empty; name one or more rows or factory keys (see --list)")
+    if not all(labels):
+        raise ValueError(f"--optimizers: an empty name in {spec!r}")
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise ValueError(f"--optimizers: {', '.join(twice)} named twice (use --seeds for repeated runs)")
+    return labels
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     extras = tuple(EXTRAS) if args.report == "all" else tuple(x for x in args.report.split(",") if x)
     bad = [x for x in extras if x not in EXTRAS]
@@ -158,7 +180,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    labels = tuple(x.strip() for x in args.optimizers.split(",") if x.strip()) if args.optimizers else None
+    labels = _optimizer_labels(args.optimizers)
     data = D.DataOptions(
         data_dir=args.data_dir,
         dataset=args.dataset,
@@ -246,15 +268,11 @@ class Progress:
 
 
 def _list_rows(config: BenchConfig) -> None:
-    from ..optim import implemented
-
-    done = set(implemented())
     suite = PR.SUITES[config.suite_name]
     print(f"suite {suite.name}: {suite.description}")
     for row in PR.rows_for(config.suite_name, config.problem):
-        status = "" if row.method in done else "  [not implemented yet]"
         default = "" if row.default else "  (not in the default list)"
-        print(f"  {row.label:<22} {row.method:<10} {row.source}{default}{status}")
+        print(f"  {row.label:<22} {row.method:<10} {row.source}{default}")
         print(f"      best: {', '.join(f'{k}={v}' for k, v in row.hp.items())}")
         if row.grid:
             print(f"      grid: {', '.join(f'{k} in {v}' for k, v in row.grid.items())}")
@@ -280,6 +298,33 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(previous)
 
 
+def _prepare_out(out: Path) -> tuple[Path | None, bool]:
+    """Make the output directory; returns the topmost directory this call created (or ``None``)
+    and whether ``bench.sqlite`` was there before, so that a failed invocation can leave nothing.
+
+    Raises:
+        ValueError: ``--out`` names a file, or a directory that cannot be created or written.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} exists and is not a directory")
+    top = None
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            break
+        top = parent
+    if top is not None and top.parent.exists() and not top.parent.is_dir():
+        raise ValueError(f"--out: {top.parent} is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out: cannot create {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise ValueError(f"--out: {out} is not writable")
+    return top, (out / "bench.sqlite").exists()
+
+
 def _run(args: argparse.Namespace) -> int:
     err = sys.stderr
     try:
@@ -291,19 +336,36 @@ def _run(args: argparse.Namespace) -> int:
             raise BenchError("the plots need matplotlib: pip install 'secondorder[bench]'")
         extras = tuple(EXTRAS) if args.report == "all" else tuple(x for x in args.report.split(",") if x)
         out = args.out or Path("bench-out") / config.problem
-        store = Store(out / "bench.sqlite")
+        made, had_store = _prepare_out(out)
     except (ValueError, BenchError) as e:
         print(f"secondorder bench: {e}", file=err)
         return 2
+    store = Store(out / "bench.sqlite")
+
+    def refuse(message: str) -> int:
+        """A failed invocation: one line, exit 2, and nothing left that this call made."""
+        print(f"secondorder bench: {message}", file=err)
+        store.close()
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        elif not had_store:
+            (out / "bench.sqlite").unlink(missing_ok=True)
+        return 2
+
     try:
         try:
             bench = Benchmark(config, store, Progress(err))
         except DatasetError as e:
-            print(f"secondorder bench: data error: {e}", file=err)
-            return 2
+            return refuse(f"data error: {e}")
         except (BenchError, ValueError) as e:
-            print(f"secondorder bench: {e}", file=err)
-            return 2
+            return refuse(str(e))
+        if config.hp_mode == "grid":
+            no_grid = [r.label for r in bench.rows if not r.grid]
+            if no_grid:
+                return refuse(
+                    f"--hp grid: no thesis grid for {', '.join(no_grid)} on {config.problem} "
+                    "(see --list); run them with --hp best or leave them out"
+                )
         ds = bench.dataset
         print(f"problem {config.problem}: {bench.problem.description}", file=err)
         print(
@@ -335,7 +397,7 @@ def _run(args: argparse.Namespace) -> int:
             )
             return 130
     finally:
-        store.close()
+        store.close()  # a second close (after refuse) is harmless
     written = reports.write_all(outcome, out, extras)
     text = written["summary.md"].read_text()
     table = [ln for ln in text.splitlines() if ln.startswith("|")]

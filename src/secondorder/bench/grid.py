@@ -10,6 +10,7 @@ is read back instead of repeated, so an interrupted benchmark resumes where it s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import traceback
@@ -90,58 +91,75 @@ class Outcome:
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
 
-def select_rows(config: BenchConfig) -> tuple[list[PR.Preset], dict[str, str]]:
-    """The rows to run and the rows skipped (label -> why).
+def parse_label(spec: str) -> tuple[str, dict[str, Any]]:
+    """``--optimizers`` entry ``"kfac:lr=0.1:damping=3"`` -> ``("kfac", {"lr": 0.1, "damping": 3})``.
 
-    Explicitly requested labels must exist and be implemented (else :class:`BenchError`); a label
-    that is a factory key without a thesis row runs with the library defaults. The default
-    list is the suite's default rows whose methods are implemented.
+    Values read as ``int``, then ``float``, then ``true``/``false``, else as the string itself
+    (``pi=none``); the optimizer checks them when the benchmark validates its rows.
+
+    Raises:
+        BenchError: an entry after ``:`` that is not ``name=value``, or a name set twice.
+    """
+    label, *items = spec.split(":")
+    overrides: dict[str, Any] = {}
+    for item in items:
+        name, eq, raw = (x.strip() for x in item.partition("="))
+        if not eq or not name or not raw:
+            raise BenchError(f"--optimizers: in {spec!r}, expected name=value after ':', got {item!r}")
+        if name in overrides:
+            raise BenchError(f"--optimizers: in {spec!r}, {name} is set twice")
+        overrides[name] = _literal(raw)
+    return label.strip(), overrides
+
+
+def _literal(raw: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(raw.lower(), raw)
+
+
+def select_rows(config: BenchConfig) -> tuple[list[PR.Preset], dict[str, str]]:
+    """The rows to run and the rows skipped (label -> why; none are, since every method exists).
+
+    Explicitly requested labels must exist (else :class:`BenchError`); a label that is a factory
+    key without a thesis row runs with the library defaults; ``label:name=value:...`` sets
+    hyper-parameters of that row (:func:`parse_label`), a row of its own. The default list is the
+    suite's default rows.
     """
     rows = PR.rows_for(config.suite_name, config.problem)
     by_label = {r.label: r for r in rows}
     skipped: dict[str, str] = {}
     if config.labels:
         chosen = []
-        for label in config.labels:
+        for spec in config.labels:
+            label, overrides = parse_label(spec)
             if label in by_label:
-                chosen.append(by_label[label])
+                row = by_label[label]
             elif label in PR.METHOD_KEYS:
-                chosen.append(PR.Preset(label, label, {}, {}, "library defaults (no thesis row)", label))
+                row = PR.Preset(label, label, {}, {}, "library defaults (no thesis row)", label)
             else:
                 raise BenchError(
                     f"unknown optimizer {label!r} for {config.problem} (suite {config.suite_name}); "
                     f"rows: {', '.join(by_label)}; or any factory key: {', '.join(PR.METHOD_KEYS)}"
                 )
-        missing = [r.label for r in chosen if not _implemented(r.method)]
-        if missing:
-            raise BenchError(
-                f"not implemented yet in this version: {', '.join(missing)} "
-                f"(implemented: {', '.join(_implemented_keys())}; see `secondorder methods`)"
-            )
+            if overrides:  # a different row: its own label, its values, no grid over the set names
+                row = dataclasses.replace(
+                    row,
+                    label=spec,
+                    hp={**row.hp, **overrides},
+                    grid={k: v for k, v in row.grid.items() if k not in overrides},
+                    source=f"{row.source}; set on the command line: "
+                    + ", ".join(f"{k}={v!r}" for k, v in overrides.items()),
+                )
+            chosen.append(row)
         return chosen, skipped
-    chosen = []
-    for r in rows:
-        if not r.default:
-            continue
-        if _implemented(r.method):
-            chosen.append(r)
-        else:
-            skipped[r.label] = "not implemented yet"
+    chosen = [r for r in rows if r.default]
     if not chosen:
-        raise BenchError(
-            f"none of the methods of {config.problem} (suite {config.suite_name}) is implemented yet"
-        )
+        raise BenchError(f"suite {config.suite_name} has no default rows for {config.problem}")
     return chosen, skipped
-
-
-def _implemented_keys() -> list[str]:
-    from ..optim import implemented
-
-    return implemented()
-
-
-def _implemented(method: str) -> bool:
-    return method in _implemented_keys()
 
 
 class Benchmark:

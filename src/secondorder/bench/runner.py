@@ -46,7 +46,7 @@ class Clock(str, enum.Enum):
 
 
 class MethodUnavailable(Exception):
-    """A method that is not implemented yet, or that rejects its preset's hyper-parameters."""
+    """A method that rejects its preset's hyper-parameters."""
 
 
 @dataclass(frozen=True)
@@ -182,15 +182,12 @@ def thesis_rules(cls: type[SecondOrderOptimizer], model: nn.Module, hp: dict[str
 def build_optimizer(
     method: str, model: nn.Module, hp: dict[str, Any], *, thesis: bool = True
 ) -> SecondOrderOptimizer:
-    """``so.make_optimizer`` with the two expected failures turned into :class:`MethodUnavailable`.
+    """``so.make_optimizer`` with rejected hyper-parameters turned into :class:`MethodUnavailable`.
 
     ``thesis``: apply :func:`thesis_rules` (every thesis problem; not ``charlm``, which runs the
     library's defaults).
     """
-    try:
-        cls = optimizer_class(method)
-    except NotImplementedError:
-        raise MethodUnavailable(f"{method}: not implemented yet in this version of secondorder") from None
+    cls = optimizer_class(method)
     if thesis:
         hp = thesis_rules(cls, model, hp)
     try:

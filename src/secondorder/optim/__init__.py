@@ -9,7 +9,7 @@ from .kfac import KFAC, KFACEF, PiSplit, WeightSharing
 from .kronecker import KroneckerFactoredOptimizer, UnmodeledParametersWarning
 from .levenberg import CurvatureSample, LMRule, ModelReduction
 from .preconditioner import Preconditioner
-from .registry import METHODS, implemented, make_optimizer, optimizer_class
+from .registry import METHODS, make_optimizer, optimizer_class
 from .shampoo import Shampoo
 from .smw import SMWGN, SMWNG, SMWNGBD, Fisher
 from .tnt import TNT, TNTEF
@@ -52,7 +52,6 @@ __all__ = [
     "WeightSharing",
     "RMSprop",
     "SecondOrderOptimizer",
-    "implemented",
     "make_optimizer",
     "optimizer_class",
 ]

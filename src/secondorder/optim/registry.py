@@ -10,8 +10,7 @@ from torch import nn
 
 from .base import SecondOrderOptimizer
 
-#: factory key -> (module, class name). A key whose module or class does not exist yet is
-#: "not implemented": make_optimizer raises NotImplementedError for it.
+#: factory key -> (module, class name)
 METHODS: dict[str, tuple[str, str]] = {
     "sgd": ("secondorder.optim.baselines", "SGD"),
     "adam": ("secondorder.optim.baselines", "Adam"),
@@ -38,37 +37,11 @@ def optimizer_class(name: str) -> type[SecondOrderOptimizer]:
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
-        NotImplementedError: a known method that this version does not implement yet.
     """
     if name not in METHODS:
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(METHODS)}")
     module_name, class_name = METHODS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        raise NotImplementedError(
-            f"optimizer {name!r} is not implemented yet (see the README's method table)"
-        ) from None
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise NotImplementedError(
-            f"optimizer {name!r} is not implemented yet (see the README's method table)"
-        )
-    return cls
-
-
-def implemented() -> list[str]:
-    """Factory keys that this version implements."""
-    out = []
-    for name in METHODS:
-        try:
-            optimizer_class(name)
-        except NotImplementedError:
-            continue
-        out.append(name)
-    return out
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def make_optimizer(name: str, model: nn.Module, **hp: Any) -> SecondOrderOptimizer:
@@ -76,7 +49,6 @@ def make_optimizer(name: str, model: nn.Module, **hp: Any) -> SecondOrderOptimiz
 
     Raises:
         ValueError: unknown name, unknown hyper-parameter name, or an invalid value (naming it).
-        NotImplementedError: a method this version does not implement yet.
     """
     cls = optimizer_class(name)
     params = inspect.signature(cls.__init__).parameters
@@ -91,10 +63,10 @@ def make_optimizer(name: str, model: nn.Module, **hp: Any) -> SecondOrderOptimiz
 
 def steps_without_closure() -> list[str]:
     """Factory keys whose ``step()`` also takes no closure (``loss.backward(); opt.step()``)."""
-    return [name for name in implemented() if optimizer_class(name).steps_without_closure]
+    return [name for name in METHODS if optimizer_class(name).steps_without_closure]
 
 
 def steps_watched() -> list[str]:
     """Factory keys whose ``step()`` takes no closure when built with ``loss_fn=`` (hooks watch the
     caller's forward and backward)."""
-    return [name for name in implemented() if optimizer_class(name).steps_watched]
+    return [name for name in METHODS if optimizer_class(name).steps_watched]
