@@ -338,3 +338,35 @@ def test_a_hyper_parameter_override_is_a_run_of_its_own(
     assert "damping" in capsys.readouterr().err
     assert cli.main(_tiny(tmp_path, "--optimizers", "kfac:nope=1")) == 2
     assert "unknown hyper-parameter(s) nope" in capsys.readouterr().err
+
+
+def test_any_torch_optimizer_is_a_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """torch.optim.AdamW and pytorch-optimizer's SOAP beside kfac: the same runner, budget, store and
+    outputs; their values recorded; a non-optimizer path or a bad keyword is one clean message."""
+    rows = "kfac,torch.optim.AdamW:lr=0.003,pytorch_optimizer:SOAP:lr=0.003"
+    assert cli.main(_tiny(tmp_path, "--optimizers", rows)) == 0
+    out = tmp_path / "out"
+    for name in ("summary.json", "summary.md", "loss_vs_epoch.png", "loss_vs_time.png", "bench.sqlite"):
+        assert (out / name).is_file(), name
+    runs = {r["optimizer"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
+    assert set(runs) == set(rows.split(","))
+    adamw = runs["torch.optim.AdamW:lr=0.003"]
+    assert adamw["hp"] == {"lr": 0.003} and adamw["status"] == "done" and adamw["steps"] == 3
+    assert adamw["forward_passes"] == adamw["backward_passes"] == 3
+    assert runs["pytorch_optimizer:SOAP:lr=0.003"]["steps"] == 3
+    assert "| torch.optim.AdamW:lr=0.003 |" in (out / "summary.md").read_text()
+    capsys.readouterr()
+    assert cli.main(_tiny(tmp_path, "--optimizers", "torch.nn.Linear")) == 2
+    assert "'torch.nn.Linear' is not a torch.optim.Optimizer class" in capsys.readouterr().err
+    assert cli.main(_tiny(tmp_path, "--optimizers", "nosuchmodule:Opt")) == 2
+    assert "cannot import 'nosuchmodule'" in capsys.readouterr().err
+    assert cli.main(_tiny(tmp_path, "--optimizers", "torch.optim.AdamW:nope=1")) == 2
+    err = capsys.readouterr().err
+    assert "torch.optim.AdamW: hyper-parameters rejected" in err and "'nope'" in err
+
+
+def test_parse_label_keeps_a_module_class_path() -> None:
+    assert G.parse_label("pytorch_optimizer:SOAP:lr=0.003") == ("pytorch_optimizer:SOAP", {"lr": 0.003})
+    assert G.parse_label("torch.optim.AdamW:lr=1") == ("torch.optim.AdamW", {"lr": 1})
+    with pytest.raises(G.BenchError, match="expected name=value after ':', got 'lr'"):
+        G.parse_label("kfac:lr")  # a factory key is never a module

@@ -64,9 +64,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--optimizers",
-        help="comma-separated rows of the suite (see --list) or factory keys, each optionally with "
-        "hyper-parameters: kfac:lr=0.1:damping=3,adam (a row of its own, recorded with its values); "
-        "default: the suite's thesis methods",
+        help="comma-separated rows of the suite (see --list), factory keys or torch optimizer classes "
+        "(torch.optim.AdamW, pytorch_optimizer:SOAP), each optionally with hyper-parameters: "
+        "kfac:lr=0.1:damping=3,torch.optim.AdamW:lr=1e-3 (a row of its own, recorded with its "
+        "values); default: the suite's thesis methods",
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(

@@ -24,6 +24,7 @@ import torch
 from . import data as D
 from . import presets as PR
 from . import problems as P
+from .external import is_external, resolve
 from .runner import Budget, Clock, MethodUnavailable, RunResult, RunSpec, build_optimizer, decay_every, train
 from .store import Store
 
@@ -95,12 +96,15 @@ def parse_label(spec: str) -> tuple[str, dict[str, Any]]:
     """``--optimizers`` entry ``"kfac:lr=0.1:damping=3"`` -> ``("kfac", {"lr": 0.1, "damping": 3})``.
 
     Values read as ``int``, then ``float``, then ``true``/``false``, else as the string itself
-    (``pi=none``); the optimizer checks them when the benchmark validates its rows.
+    (``pi=none``); the optimizer checks them when the benchmark validates its rows. A torch
+    optimizer's ``module:Class`` path keeps its colon (``pytorch_optimizer:SOAP:lr=3e-3``).
 
     Raises:
         BenchError: an entry after ``:`` that is not ``name=value``, or a name set twice.
     """
     label, *items = spec.split(":")
+    if items and "=" not in items[0] and _module_path(label) and items[0].strip().isidentifier():
+        label, items = f"{label}:{items[0]}", items[1:]  # module:Class, a torch optimizer's path
     overrides: dict[str, Any] = {}
     for item in items:
         name, eq, raw = (x.strip() for x in item.partition("="))
@@ -110,6 +114,11 @@ def parse_label(spec: str) -> tuple[str, dict[str, Any]]:
             raise BenchError(f"--optimizers: in {spec!r}, {name} is set twice")
         overrides[name] = _literal(raw)
     return label.strip(), overrides
+
+
+def _module_path(name: str) -> bool:
+    """A dotted Python module name that is not a factory key (``pytorch_optimizer``)."""
+    return name not in PR.METHOD_KEYS and all(part.isidentifier() for part in name.split("."))
 
 
 def _literal(raw: str) -> Any:
@@ -140,10 +149,17 @@ def select_rows(config: BenchConfig) -> tuple[list[PR.Preset], dict[str, str]]:
                 row = by_label[label]
             elif label in PR.METHOD_KEYS:
                 row = PR.Preset(label, label, {}, {}, "library defaults (no thesis row)", label)
+            elif is_external(label):
+                try:
+                    resolve(label)
+                except ValueError as err:
+                    raise BenchError(str(err)) from None
+                row = PR.Preset(label, label, {}, {}, "torch optimizer (its defaults)", label)
             else:
                 raise BenchError(
                     f"unknown optimizer {label!r} for {config.problem} (suite {config.suite_name}); "
-                    f"rows: {', '.join(by_label)}; or any factory key: {', '.join(PR.METHOD_KEYS)}"
+                    f"rows: {', '.join(by_label)}; or any factory key: {', '.join(PR.METHOD_KEYS)}; "
+                    "or a torch optimizer class: module.Class or module:Class"
                 )
             if overrides:  # a different row: its own label, its values, no grid over the set names
                 row = dataclasses.replace(

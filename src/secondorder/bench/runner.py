@@ -34,6 +34,7 @@ from ..capture import Closure, layer_blocks
 from ..optim import NonFiniteError, SecondOrderOptimizer, make_optimizer, optimizer_class
 from ..optim.kronecker import KroneckerFactoredOptimizer, UnmodeledParametersWarning
 from . import problems as P
+from .external import TorchOptimizerRow, is_external
 from .presets import FIRST_ORDER
 from .store import run_key
 
@@ -151,7 +152,7 @@ def decay_every(problem: P.Problem, method: str, budget: Budget) -> int | None:
     ``--epochs`` (0.3 and 1/3 of it), the thesis values under a time budget; ``None`` for other problems."""
     if problem.kind != "cnn":
         return None
-    first = method in FIRST_ORDER
+    first = method in FIRST_ORDER or is_external(method)
     if budget.epochs is None:
         return 60 if first else 50
     return max(1, round(budget.epochs * (0.3 if first else 1 / 3)))
@@ -160,7 +161,7 @@ def decay_every(problem: P.Problem, method: str, budget: Budget) -> int | None:
 def thesis_epochs(problem: P.Problem, method: str) -> int | None:
     """The thesis's epoch count: CNNs 200 (first-order) / 150 (second-order); classifiers as in 5.8."""
     if problem.kind == "cnn":
-        return 200 if method in FIRST_ORDER else 150
+        return 200 if method in FIRST_ORDER or is_external(method) else 150
     return problem.epochs
 
 
@@ -187,6 +188,11 @@ def build_optimizer(
     ``thesis``: apply :func:`thesis_rules` (every thesis problem; not ``charlm``, which runs the
     library's defaults).
     """
+    if is_external(method):  # a torch.optim class by its import path
+        try:
+            return TorchOptimizerRow(method, model, hp)  # type: ignore[return-value]
+        except ValueError as err:
+            raise MethodUnavailable(f"{method}: hyper-parameters rejected ({err})") from None
     cls = optimizer_class(method)
     if thesis:
         hp = thesis_rules(cls, model, hp)
