@@ -20,34 +20,24 @@ from torch import Tensor, nn
 
 import secondorder as so
 from tests.helpers import TEST_HP
+from tests.test_usage_matrix import CLASSES, D, N, T, TransformerClassifier
 
 STEPS = 50
-N, T, D, CLASSES = 32, 6, 8, 3
 FORMS = ["so.Closure", "plain", "none"]
 PRECISIONS = ["float32", "bf16-forward", "bf16-around"]
 NO_CLOSURE = set(so.optim.registry.steps_without_closure()) | set(so.optim.registry.steps_watched())
 
 
 class Autocast(nn.Module):
-    """The model's forward under bf16 autocast (as AMP recipes wrap a model)."""
+    """The model's forward under autocast (bf16 unless told; as AMP recipes wrap a model)."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        self.inner = inner
+        self.inner, self.dtype = inner, dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=self.dtype):
             return self.inner(x)
-
-
-class TransformerClassifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.enc = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(D, CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.enc(x).mean(1))
 
 
 def model_and_data(kind: str, precision: str, compiled: bool = False) -> tuple[nn.Module, Tensor, Tensor]:
@@ -178,17 +168,7 @@ def test_factor_dtype_float64_keeps_the_statistics_in_float64(key):
 def test_fp16_autocast_trains_with_float32_statistics(key):
     """fp16 autocast (CPU) inside the model's forward: as with bf16."""
     model, x, y = model_and_data("mlp", "float32")
-
-    class Half(nn.Module):
-        def __init__(self, inner: nn.Module):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: Tensor) -> Tensor:
-            with torch.autocast("cpu", dtype=torch.float16):
-                return self.inner(x)
-
-    model = Half(model)
+    model = Autocast(model, torch.float16)
     loss_fn = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
