@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,8 @@ def test_end_to_end_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFi
     assert kfac["hp"]["lr"] == 0.3 and kfac["hp"]["damping"] == 30  # Table 3.5, CURVES
     md = (out / "summary.md").read_text()
     assert "not the thesis's data" in md and "| kfac |" in md and "Table 3.5" in md
+    targets = md[md.index("## Time to target") :]
+    assert all(f"| {lab} |" in targets for lab in labels)
     if "kbfgs" in labels:
         assert (out / "dd_statistics.png").read_bytes()[:8] == PNG
     printed = capsys.readouterr()
@@ -370,3 +373,34 @@ def test_parse_label_keeps_a_module_class_path() -> None:
     assert G.parse_label("torch.optim.AdamW:lr=1") == ("torch.optim.AdamW", {"lr": 1})
     with pytest.raises(G.BenchError, match="expected name=value after ':', got 'lr'"):
         G.parse_label("kfac:lr")  # a factory key is never a module
+
+
+def test_fit_axis_keeps_close_curves_apart() -> None:
+    """Final values between 118 and 146 after an untrained start at 400: a linear axis over just
+    that range (a log axis would tick only at 200/300/400); a wide spread gets a log axis."""
+    close = [np.array([400.0, 160.0, 131.0, 118.0]), np.array([400.0, 170.0, 146.0, 140.0])]
+    scale, lo, hi = reports.fit_axis(close)
+    assert scale == "linear" and 110 < lo < 118 and 170 < hi < 175
+    # a curve that stays far above the others (final 525 against 131) leaves the plot at the top
+    stuck = [np.array([545.0, 160.0, 131.0, 131.0]), np.array([545.0, 540.0, 530.0, 525.0])]
+    scale, lo, hi = reports.fit_axis(stuck)
+    assert scale == "linear" and 129 < lo < 131 and 160 < hi < 163
+    scale, lo, hi = reports.fit_axis([np.array([400.0, 50.0, 2.0]), np.array([400.0, 300.0, 3.0])])
+    assert scale == "log" and lo < 2.0 and hi > 300.0
+    assert reports.fit_axis([np.array([np.nan])]) is None
+
+
+def test_time_to_target_is_the_first_evaluation_below_it() -> None:
+    from types import SimpleNamespace
+
+    rec = SimpleNamespace(
+        epochs=[
+            {"train_loss": 5.0, "train_seconds": 0.0},
+            {"train_loss": float("nan"), "train_seconds": 1.0},
+            {"train_loss": 2.0, "train_seconds": 2.5},
+            {"train_loss": 1.0, "train_seconds": 4.0},
+        ]
+    )
+    assert reports.time_to_target(rec, 2.0) == 2.5
+    assert reports.time_to_target(rec, 1.5) == 4.0
+    assert reports.time_to_target(rec, 0.5) is None

@@ -6,8 +6,11 @@
   reports one (marked "not comparable" on synthetic or stand-in data); the grid (``--hp grid``);
   the Table 3.8 layout for ``--suite ablation``.
 * ``loss_vs_epoch.png`` / ``loss_vs_time.png``: training loss (upper) and test error (lower)
-  against epochs / training seconds, the mean over seeds with a +-1 standard deviation band
-  (as Figs 2.2, 3.1-3.3, 4.2).
+  against epochs / training seconds, the mean over seeds with a +-1 standard deviation band when
+  there are several (as Figs 2.2, 3.1-3.3, 4.2); a colour and a line style per row, the y range
+  fitted to the curves after their first evaluation.
+* ``summary.md`` ends with a time-to-target table: the training time each row needed to reach
+  loss levels just above the best final loss.
 * ``landscape.png`` (Fig. 2.3): final training loss over the (lr, damping) grid of each row.
 * ``dd_statistics.png`` (Fig. 2.1): per layer and epoch, the fraction of curvature updates with
   ``y^T H y / s^T y <= 2 / mu1`` and the mean ratio, from ``opt.stats.diagnostics["kbfgs"]``.
@@ -252,6 +255,56 @@ def markdown(outcome: Outcome) -> str:
             lines.append("")
     if c.suite_name == "ablation":
         lines += ["", ablation_table(outcome)]
+    lines += ["", time_to_target_table(outcome)]
+    return "\n".join(lines) + "\n"
+
+
+#: the targets of :func:`time_to_target_table`: the best final training loss of any row, plus
+#: these fractions of it
+TARGET_MARGINS = (0.5, 0.2, 0.1, 0.05, 0.02)
+
+
+def time_to_target(rec: RunRecord, target: float) -> float | None:
+    """Training seconds at the first evaluation whose training loss is <= ``target`` (``None``:
+    never reached)."""
+    for e in rec.epochs:
+        loss = e.get("train_loss")
+        if loss is not None and math.isfinite(loss) and loss <= target:
+            return float(e["train_seconds"])
+    return None
+
+
+def time_to_target_table(outcome: Outcome) -> str:
+    """``## Time to target``: per row, the mean training time its runs needed to reach each
+    target training loss (the best final loss of any row times 1 + margin), and how many runs
+    reached it; "—" where none did. Times are on the run's clock, evaluations outside it."""
+    finals = [
+        x.result["final_train_loss"]
+        for x in outcome.finals
+        if x.status == "done" and _finite(x.result.get("final_train_loss")) is not None
+    ]
+    if not finals:
+        return "## Time to target\n\nNo run finished normally.\n"
+    best = min(finals)
+    targets = [best * (1 + m) if best > 0 else best + m for m in TARGET_MARGINS]
+    lines = [
+        "## Time to target",
+        "",
+        f"Training time ({outcome.clock} clock, s; mean over the runs that got there, and how many "
+        f"did) until the training loss first reaches each target: the best final loss ({best:.4g}) "
+        f"plus {', '.join(f'{100 * m:g}%' for m in TARGET_MARGINS)}.",
+        "",
+        "| optimizer | " + " | ".join(f"≤ {t:.4g}" for t in targets) + " |",
+        "|" + "---|" * (len(targets) + 1),
+    ]
+    groups = _by_label(outcome)
+    for row in outcome.rows:
+        recs = groups.get(row.label, [])
+        cells = []
+        for t in targets:
+            times = [s for s in (time_to_target(r, t) for r in recs) if s is not None]
+            cells.append("—" if not times else f"{statistics.fmean(times):.1f} ({len(times)}/{len(recs)})")
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -315,12 +368,43 @@ def _mean_band(curves: list[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return xs[keep], mean, std
 
 
+#: line styles cycled beside the ten default colours: (colour, style) pairs differ for 20 rows
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def fit_axis(values: list[np.ndarray]) -> tuple[str, float, float] | None:
+    """``(scale, low, high)`` that keeps close curves apart: each curve counts from a quarter of
+    its evaluations on (at least the second: the untrained start would squash the rest); the range
+    runs from the lowest such value of any curve to the highest of the competitive curves (final
+    value within a factor 2 of the best; a curve that stays far above them leaves the plot at the
+    top, its numbers are in the tables); a linear axis when that spans less than a factor 5, else
+    a log axis; ``None`` without finite values."""
+    later = [v[max(1, len(v) // 4) :] if len(v) > 1 else v for v in values]
+    finite = [v[np.isfinite(v)] for v in later]
+    finite = [v for v in finite if v.size]
+    if not finite:
+        return None
+    lo = float(min(v.min() for v in finite))
+    best = min(float(v[-1]) for v in finite)
+    close = [v for v in finite if (v[-1] <= 2 * best if best > 0 else v[-1] <= best + 1.0)]
+    hi = float(max(v.max() for v in close))
+    if lo > 0 and hi / lo >= 5:
+        return "log", lo / 1.15, hi * 1.15
+    pad = 0.05 * (hi - lo) if hi > lo else 0.05 * abs(hi) or 1.0
+    return "linear", lo - pad, hi + pad
+
+
 def plot_curves(outcome: Outcome, path: Path, axis: str) -> None:
-    """Training loss and test error against ``axis`` (``"epoch"`` or ``"train_seconds"``)."""
+    """Training loss and test error against ``axis`` (``"epoch"`` or ``"train_seconds"``): a colour
+    and a line style per row, the mean over seeds with a +-1 std band when there are several, and
+    the y range fitted to the curves after their first evaluation (:func:`fit_axis`)."""
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+
     fig, axes = _figure(2, 1, (7.5, 7.5))
     groups = _by_label(outcome)
+    plotted: list[list[np.ndarray]] = [[], []]
     for i, row in enumerate(outcome.rows):
-        color = f"C{i % 10}"
+        color, style = f"C{i % 10}", LINE_STYLES[i % len(LINE_STYLES)]
         for j, metric in enumerate(("train_loss", "test_error")):
             curves = [
                 (
@@ -335,7 +419,8 @@ def plot_curves(outcome: Outcome, path: Path, axis: str) -> None:
                 continue
             xs, mean, std = band
             ax = axes[j, 0]
-            ax.plot(xs, mean, color=color, label=row.label if j == 0 else None)
+            ax.plot(xs, mean, color=color, linestyle=style, label=row.label if j == 0 else None)
+            plotted[j].append(mean)
             if len(curves) > 1:
                 ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
     xlabel = "epoch" if axis == "epoch" else f"training time (s, {outcome.clock} clock)"
@@ -346,11 +431,26 @@ def plot_curves(outcome: Outcome, path: Path, axis: str) -> None:
         ax = axes[j, 0]
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_yscale("log")
+        fitted = fit_axis(plotted[j])
+        if fitted is not None:
+            scale, lo, hi = fitted
+            ax.set_yscale(scale)
+            ax.set_ylim(lo, hi)
+            if scale == "log":
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(NullFormatter())
+            else:
+                ax.yaxis.set_major_locator(MaxNLocator(nbins=10))
+            for line in ax.get_lines():  # a curve that ends above the range says so in the legend
+                y = np.asarray(line.get_ydata(), dtype=float)
+                if j == 0 and y.size and np.isfinite(y[-1]) and y[-1] > hi:
+                    line.set_label(f"{line.get_label()} (above the range)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0, 0].legend(fontsize=8, ncol=2)
     seeds = outcome.config.seeds
-    title = f"{outcome.problem.name} on {outcome.dataset.label}; mean ± std over {seeds} seed(s)"
+    spread = "one seed" if seeds == 1 else f"mean ± std over {seeds} seeds"
+    title = f"{outcome.problem.name} on {outcome.dataset.label}; {spread}"
     axes[0, 0].set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
