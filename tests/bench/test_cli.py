@@ -404,3 +404,48 @@ def test_time_to_target_is_the_first_evaluation_below_it() -> None:
     assert reports.time_to_target(rec, 2.0) == 2.5
     assert reports.time_to_target(rec, 1.5) == 4.0
     assert reports.time_to_target(rec, 0.5) is None
+
+
+def test_the_html_report_is_one_self_contained_page(tmp_path: Path) -> None:
+    """``--report html``: every table of summary.md and every figure, the figures as PNG data
+    URIs; no scripts or external links; the tags balance (parsed with html.parser)."""
+    import base64
+    from html.parser import HTMLParser
+
+    assert cli.main(_tiny(tmp_path, "--optimizers", "sgd,kfac", "--report", "html")) == 0
+    out = tmp_path / "out"
+    page = (out / "report.html").read_text()
+    md = (out / "summary.md").read_text()
+
+    class Check(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.open: list[str] = []
+            self.tags: dict[str, int] = {}
+            self.images: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self.tags[tag] = self.tags.get(tag, 0) + 1
+            if tag == "img":
+                self.images.append(dict(attrs)["src"] or "")
+            elif tag not in ("meta",):
+                self.open.append(tag)
+
+        def handle_endtag(self, tag: str) -> None:
+            assert self.open and self.open.pop() == tag, tag
+
+    check = Check()
+    check.feed(page)
+    assert not check.open
+    tables_in_md = sum(
+        1
+        for a, b in zip([""] + md.splitlines(), md.splitlines(), strict=False)
+        if b.startswith("|") and not a.startswith("|")
+    )
+    assert check.tags["table"] == tables_in_md >= 2  # the results and the time-to-target tables
+    assert len(check.images) == 2
+    for src in check.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG
+    assert "<script" not in page and "href=" not in page
+    assert "| sgd |" in md and "<td>sgd</td>" in page and "Time to target" in page

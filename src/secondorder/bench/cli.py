@@ -29,7 +29,7 @@ from .grid import QUICK_CURVES_SECONDS, BenchConfig, BenchError, Benchmark
 from .runner import Clock
 from .store import Store
 
-EXTRAS = ("landscape", "dd")
+EXTRAS = ("landscape", "dd", "html")
 
 EPILOG = f"""\
 defaults: --problem curves on the generated CURVES-like data (curves-synth-v1, no download), the
@@ -46,7 +46,8 @@ offline stand-in, named in every output. --dataset NAME picks one explicitly:
 
 outputs in --out: summary.json, summary.md, loss_vs_epoch.png, loss_vs_time.png, bench.sqlite
 (rerunning the same command skips the runs already finished there), and with --report
-landscape.png (Fig. 2.3, after --hp grid) and dd_statistics.png (Fig. 2.1, K-BFGS methods).
+landscape.png (Fig. 2.3, after --hp grid), dd_statistics.png (Fig. 2.1, K-BFGS methods) and report.html
+(summary.md and every figure in one self-contained page).
 """
 
 

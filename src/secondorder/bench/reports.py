@@ -11,6 +11,8 @@
   fitted to the curves after their first evaluation.
 * ``summary.md`` ends with a time-to-target table: the training time each row needed to reach
   loss levels just above the best final loss.
+* ``report.html`` (``--report html``): ``summary.md`` and every figure in one self-contained
+  page (figures as data URIs; no scripts, no links) to share.
 * ``landscape.png`` (Fig. 2.3): final training loss over the (lr, damping) grid of each row.
 * ``dd_statistics.png`` (Fig. 2.1): per layer and epoch, the fraction of curvature updates with
   ``y^T H y / s^T y <= 2 / mu1`` and the mean ratio, from ``opt.stats.diagnostics["kbfgs"]``.
@@ -20,9 +22,12 @@ Plots use matplotlib's Agg canvas directly (no global backend switch).
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import math
 import platform
+import re
 import statistics
 import textwrap
 from collections import defaultdict
@@ -554,4 +559,68 @@ def write_all(outcome: Outcome, out: Path, extras: tuple[str, ...] = ()) -> dict
         written["landscape.png"] = out / "landscape.png"
     if "dd" in extras and plot_dd(outcome, out / "dd_statistics.png"):
         written["dd_statistics.png"] = out / "dd_statistics.png"
+    if "html" in extras:
+        written["report.html"] = out / "report.html"
+        images = [written[k] for k in written if k.endswith(".png")]
+        written["report.html"].write_text(html_page(written["summary.md"].read_text(), images))
     return written
+
+
+def html_page(summary_md: str, images: list[Path]) -> str:
+    """``report.html``: ``summary.md`` (its headings, lists, paragraphs and tables) and the
+    figures, embedded as data URIs, in one self-contained page to share (no scripts, no links)."""
+    body: list[str] = []
+    table: list[list[str]] = []
+
+    def flush_table() -> None:
+        if not table:
+            return
+        head, *rows = table
+        body.append("<table>")
+        body.append("<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>")
+        body.extend("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+        body.append("</table>")
+        table.clear()
+
+    in_list = False
+    for line in summary_md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= {"-", ":"} for c in cells):  # skip the |---| separator
+                table.append(cells)
+            continue
+        flush_table()
+        if line.startswith("- ") != in_list:
+            body.append("<ul>" if not in_list else "</ul>")
+            in_list = not in_list
+        if line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")), 4)
+            body.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("- "):
+            body.append(f"<li>{_inline(line[2:])}</li>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    flush_table()
+    if in_list:
+        body.append("</ul>")
+    for path in images:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        body.append(f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">')
+        body.append(f"<figcaption>{html.escape(path.name)}</figcaption></figure>")
+    title = next((ln.lstrip("#").strip() for ln in summary_md.splitlines() if ln.startswith("# ")), "report")
+    style = (
+        "body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:.2em .5em}"
+        "th{background:#eee}img{max-width:100%}code{background:#f4f4f4}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def _inline(text: str) -> str:
+    """Markdown's inline code and bold in escaped text."""
+    out = html.escape(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
