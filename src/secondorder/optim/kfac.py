@@ -28,7 +28,10 @@ with the same ``lr`` and weight decay (3.7.2, the thesis's rule).
 Implementation choices:
 
 * The sampled-label pass reuses the graph of pass 1 at ``theta_k`` and its statistics are used
-  in the same step, as in both published codebases (docs/notes.md §11.6). It
+  in the same step, as in both published codebases (docs/notes.md §11.6). Without a closure
+  (``loss.backward(); opt.step()``, with ``loss_fn=``) pass 1 is the caller's: the layers are
+  recorded by :class:`~secondorder.capture.watch.Watch` and the sampled pass runs at the caller's
+  loss call, on the same graph, so the step is the same. It
   differentiates w.r.t. the pre-activations only (``torch.autograd.grad``), so it writes no
   ``.grad``, triggers no DDP all-reduce, and the true-label gradients never mix into the
   sampled ones (docs/notes.md §7, §11.8).
@@ -285,9 +288,15 @@ class KFAC(KroneckerFactoredOptimizer):
         )
 
     def _sampled_or_true_grads(
-        self, closure: Closure, outputs: Tensor, loss: Tensor, recs: dict[str, C.LayerRecord], retain: bool
+        self,
+        closure: Closure | WatchedBatch,
+        outputs: Tensor,
+        loss: Tensor | None,
+        recs: dict[str, C.LayerRecord],
+        retain: bool,
     ) -> dict[str, Tensor | None]:
-        """``dL/dh`` per layer for the sampled-target loss (``kfac``) or the true loss (``kfac-ef``)."""
+        """``dL/dh`` per layer for the sampled-target loss (``kfac``) or the true loss ``loss``
+        (``kfac-ef``)."""
         target_loss = closure.sampled_loss(outputs, self.generator) if self.sampled_fisher else loss
         hs = [recs[n].outputs for n in self.layers]
         grads = closure.grad(target_loss, hs, retain_graph=retain)  # type: ignore[arg-type]
@@ -344,10 +353,8 @@ class KFAC(KroneckerFactoredOptimizer):
         recs = batch.records
         if any(recs[n].outputs is None for n in self.layers):
             return  # a layer did not run: step() reports it
-        with self._curvature_timer(), torch.enable_grad():
-            target_loss = batch.sampled_loss(batch.outputs, self.generator)  # type: ignore[arg-type]
-            grads = batch.grad(target_loss, [recs[n].outputs for n in self.layers], retain_graph=True)  # type: ignore[misc]
-            batch.extra["grads"] = dict(zip(self.layers, grads, strict=True))
+        with self._curvature_timer(), torch.enable_grad():  # the caller's backward still needs the graph
+            batch.extra["grads"] = self._sampled_or_true_grads(batch, batch.outputs, None, recs, retain=True)  # type: ignore[arg-type]
         self.stats.backward_passes += 1
         for rec in recs.values():
             rec.outputs = None  # the activations are not needed any longer

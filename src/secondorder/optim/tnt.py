@@ -19,6 +19,8 @@ Conventions (docs/notes.md §5, §11.15-16):
 * The sampled pass reuses the graph of pass 1 at ``theta_k``:
   ``closure.grad(closure.sampled_loss(outputs, generator), params)`` writes no ``.grad`` and
   triggers no DDP all-reduce (the sampled mean gradient is averaged over ranks explicitly).
+  Without a closure (``tnt`` with ``loss_fn=``) it runs at the caller's loss call, on the
+  caller's graph (:class:`~secondorder.capture.watch.Watch`), before the caller's backward.
 * Warm start (line 2): the equal-weight average of ``G^(i)`` over the given minibatches; the
   moving-average update of step 0 is then skipped and later ones have weight ``1 - beta``. Without
   a warm start the moving average starts as a running mean, weight ``max(1/(n+1), 1 - beta)`` for
@@ -167,14 +169,18 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
     def _watch_loss(self, batch: WatchedBatch) -> None:
         """Without a closure (``tnt``): line 7's sampled gradient while the caller's graph is alive,
         when statistics are due at the coming step."""
-        g = self.param_groups[0]
-        k = self.step_count
-        warm = k == 0 and any("factors" in self.state[p] for _, p in self.named_params())
-        if k % g["update_freq"] != 0 or warm:
+        if not self._stats_due():
             return
         with self._curvature_timer(), torch.enable_grad():
             batch.extra["grads"] = self._statistic_grads(batch, batch.outputs, None, retain=True)  # type: ignore[arg-type]
         self.stats.backward_passes += 1
+
+    def _stats_due(self) -> bool:
+        """Lines 6-12 run at this step: every T1 steps, except step 0 after a warm start (which
+        uses the warm-start statistics as they are)."""
+        k = self.step_count
+        warm = k == 0 and any("factors" in self.state[p] for _, p in self.named_params())
+        return k % self.param_groups[0]["update_freq"] == 0 and not warm
 
     def _contractions(self, grads: dict[str, Tensor]) -> dict[str, list[Tensor]]:
         """``[G^(1), ..., G^(k)]`` of each parameter's mean gradient in its tensor view (lines 7, 12)."""
@@ -255,8 +261,7 @@ class TensorFactoredOptimizer(SecondOrderOptimizer):
         g = self.param_groups[0]
         k = self.step_count
         by_name = dict(self.named_params())
-        warm = k == 0 and any("factors" in self.state[p] for p in by_name.values())
-        stats_due = k % g["update_freq"] == 0 and not warm  # after a warm start, step 0 uses it as is
+        stats_due = self._stats_due()
         sampled = stats_due and self.sampled_fisher
         with self._rng_restored_on_error():
             watched = None
