@@ -82,6 +82,13 @@ def test_end_to_end_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFi
     assert "not the thesis's data" in md and "| kfac |" in md and "Table 3.5" in md
     targets = md[md.index("## Time to target") :]
     assert all(f"| {lab} |" in targets for lab in labels)
+    # the thesis's one ordering among these rows on CURVES, checked on summary.json's losses
+    mean = {
+        lab: np.mean([r["final_train_loss"] for r in doc["runs"] if r["optimizer"] == lab]) for lab in labels
+    }
+    verdict = "yes" if mean["kbfgs"] < mean["sgd"] else "**no**"
+    assert "| kbfgs < sgd | Table 3.3: K-BFGS beats the first-order methods | " in md
+    assert md.split("| kbfgs < sgd |")[1].splitlines()[0].endswith(f"| {verdict} |")
     if "kbfgs" in labels:
         assert (out / "dd_statistics.png").read_bytes()[:8] == PNG
     printed = capsys.readouterr()
@@ -119,12 +126,39 @@ def test_list_rows(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "kbfgs-t20" in out and "Table 3.5" in out and "lr=0.03, damping=3" in out
 
+    def skipped(argv: list[str]) -> set[str]:
+        assert cli.main(["bench", *argv, "--list"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return {ln.split()[0] for ln in lines if ln.endswith("(not run by this command)")}
+
+    # the main job marks the rows it leaves out; --optimizers marks every other row
+    assert skipped([]) == {"kbfgs-t20", "kbfgsl20", "kfac-pi1", "tnt-ef", "kfac-ef"}
+    assert len(skipped(["--problem", "mnist", "--optimizers", "kfac"])) == 12
+
 
 def test_defaults(tmp_path: Path) -> None:
-    """No arguments: curves on the generated data, the thesis methods, a quick time budget."""
-    args = cli.build_parser().parse_args(["bench"])
-    config = bench_cli.config_from_args(args)
-    assert (config.problem, config.seeds, config.hp_mode, config.suite_name) == ("curves", 1, "best", "ch3")
+    """No arguments: the main job, the MNIST autoencoder on mnist5k with its rows and time budget;
+    --problem curves keeps the quick budget; other problems named get the thesis budget."""
+    config = bench_cli.config_from_args(cli.build_parser().parse_args(["bench"]))
+    assert (config.problem, config.seeds, config.hp_mode, config.suite_name) == ("mnist", 1, "best", "ch3")
+    assert (config.seconds, config.epochs, config.data.dataset) == (G.MAIN_SECONDS, None, "mnist5k")
+    assert config.labels == G.MAIN_ROWS
+    assert all(label in {r.label for r in PR.rows_for("ch3", "mnist")} for label in G.MAIN_ROWS)
+    assert bench_cli.config_from_args(
+        cli.build_parser().parse_args(["bench", "--optimizers", "sgd"])
+    ).labels == ("sgd",)
+    # the main job's data: real files with --data-dir; --problem mnist picks its first stand-in
+    for argv in (["bench", "--data-dir", str(tmp_path)], ["bench", "--problem", "mnist"]):
+        assert bench_cli.config_from_args(cli.build_parser().parse_args(argv)).data.dataset is None
+    for argv, budget in (
+        (["bench", "--epochs", "3"], (None, 3)),
+        (["bench", "--time-budget", "7"], (7, None)),
+        (["bench", "--problem", "mnist"], (None, None)),  # the thesis's 500 s
+    ):
+        config = bench_cli.config_from_args(cli.build_parser().parse_args(argv))
+        assert (config.problem, config.seconds, config.epochs) == ("mnist", *budget)
+    assert config.labels is None  # --problem mnist: the suite's ten default rows
+    config = bench_cli.config_from_args(cli.build_parser().parse_args(["bench", "--problem", "curves"]))
     from secondorder.bench import curves as CV
     from secondorder.bench import data as D
 
@@ -133,10 +167,13 @@ def test_defaults(tmp_path: Path) -> None:
     )
     with Store(tmp_path / "b.sqlite") as store:
         bench = G.Benchmark(config, store, dataset=small)
-        assert bench.budget_for("kfac") == Budget(seconds=G.QUICK_CURVES_SECONDS)
+        assert bench.budget_for("kfac") == Budget(seconds=G.QUICK_SECONDS)
         assert bench.clock == "process" and bench.batch == 1000
         expected = [r.label for r in PR.rows_for("ch3", "curves") if r.default]
         assert [r.label for r in bench.rows] == expected
+    with Store(tmp_path / "c.sqlite") as store:
+        bench = G.Benchmark(G.BenchConfig(problem="mnist"), store, dataset=small)
+        assert bench.budget_for("kfac") == Budget(seconds=500.0)
 
 
 def test_landscape_and_grid_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -449,3 +486,60 @@ def test_the_html_report_is_one_self_contained_page(tmp_path: Path) -> None:
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG
     assert "<script" not in page and "href=" not in page
     assert "| sgd |" in md and "<td>sgd</td>" in page and "Time to target" in page
+
+
+def test_thesis_orderings_say_which_hold_and_which_do_not() -> None:
+    """``## The thesis's orderings``: each stated ordering whose two rows ran, checked on the mean
+    final training loss over finished seeds; a row with no finished run counts as the worse one;
+    nothing for another suite, another problem or rows that did not run."""
+    from types import SimpleNamespace
+
+    def rec(label: str, loss: float, status: str = "done") -> SimpleNamespace:
+        return SimpleNamespace(
+            spec=SimpleNamespace(label=label), status=status, result={"final_train_loss": loss}
+        )
+
+    def outcome(problem: str, finals: list[SimpleNamespace], suite: str = "ch3") -> SimpleNamespace:
+        labels = dict.fromkeys(r.spec.label for r in finals)
+        return SimpleNamespace(
+            config=SimpleNamespace(suite_name=suite),
+            problem=SimpleNamespace(name=problem),
+            dataset=SimpleNamespace(label="mnist5k"),
+            rows=[SimpleNamespace(label=x) for x in labels],
+            finals=finals,
+            budgets={x: "30 s" for x in labels},
+        )
+
+    finals = [
+        rec("kbfgs", 120.0),
+        rec("kbfgs", 124.0),  # mean 122 < kbfgs20's 125: holds
+        rec("kbfgs20", 125.0),
+        rec("sgd", 121.0),  # kbfgs < sgd fails: 122 vs 121
+        rec("tnt", 130.0),
+        rec("kfac", 110.0),  # kfac < tnt on MNIST: holds
+        rec("shampoo", float("nan"), status="diverged"),  # tnt < shampoo holds (no finished run)
+        rec("adam", 118.0),  # kbfgs < adam, tnt < adam: fail
+    ]
+    text = reports.thesis_orderings(outcome("mnist", finals))
+    table = {
+        line.split(" | ")[0].strip("| "): line.rstrip(" |").split(" | ")[-1]
+        for line in text.splitlines()
+        if line.startswith("| ") and " < " in line
+    }
+    assert table == {
+        "kbfgs < kbfgs20": "yes",
+        "kbfgs < sgd": "**no**",
+        "kbfgs < adam": "**no**",
+        "tnt < sgd": "**no**",
+        "tnt < adam": "**no**",
+        "tnt < shampoo": "yes",
+        "kfac < tnt": "yes",
+    }
+    assert "3 of 7 hold here" in text and "122 vs 125" in text and "130 vs no finished run" in text
+    assert "does not hold here: kbfgs < sgd, kbfgs < adam, tnt < sgd, tnt < adam." in text
+    # on CURVES the thesis has TNT beat KFAC, and no K-BFGS / Adam ordering
+    curves = reports.thesis_orderings(outcome("curves", finals))
+    assert "| tnt < kfac |" in curves and "kbfgs < adam" not in curves
+    assert reports.thesis_orderings(outcome("mnist", finals, suite="ch2")) == ""
+    assert reports.thesis_orderings(outcome("mnist-mlp", finals)) == ""
+    assert reports.thesis_orderings(outcome("mnist", [rec("sgd", 1.0), rec("adam", 2.0)])) == ""

@@ -260,8 +260,60 @@ def markdown(outcome: Outcome) -> str:
             lines.append("")
     if c.suite_name == "ablation":
         lines += ["", ablation_table(outcome)]
+    orderings = thesis_orderings(outcome)
+    if orderings:
+        lines += ["", orderings]
     lines += ["", time_to_target_table(outcome)]
     return "\n".join(lines) + "\n"
+
+
+def thesis_orderings(outcome: Outcome) -> str:
+    """``## The thesis's orderings``: each ordering the thesis states for this problem
+    (:data:`presets.THESIS_ORDERINGS`) whose two rows ran, with our mean final training losses
+    and whether it holds here; "" when none applies (another suite or problem, or rows missing).
+    A row with no finished run (all diverged or failed) counts as the worse one."""
+    if outcome.config.suite_name != "ch3":
+        return ""
+    groups = _by_label(outcome)
+    labels = {row.label for row in outcome.rows}
+
+    def final(label: str) -> float | None:
+        done = [_finite(x.result["final_train_loss"]) for x in groups.get(label, []) if x.status == "done"]
+        done = [v for v in done if v is not None]
+        return statistics.fmean(done) if done else None
+
+    rows, broken = [], []
+    for o in PR.THESIS_ORDERINGS:
+        if outcome.problem.name not in o.problems or not {o.better, o.worse} <= labels:
+            continue
+        b, w = final(o.better), final(o.worse)
+        holds = b is not None and (w is None or b < w)
+        shown = " vs ".join("no finished run" if v is None else f"{v:.4g}" for v in (b, w))
+        rows.append(f"| {o.better} < {o.worse} | {o.source} | {shown} | {'yes' if holds else '**no**'} |")
+        if not holds:
+            broken.append(f"{o.better} < {o.worse}")
+    if not rows:
+        return ""
+    ds = outcome.dataset
+    lines = [
+        "## The thesis's orderings",
+        "",
+        f"The orderings the thesis states for {outcome.problem.name} (its runs: the real data set, "
+        "5 seeds, the thesis budget), checked on this run's mean final training losses "
+        f"({ds.label}; {', '.join(sorted(set(outcome.budgets.values())))}): "
+        f"{len(rows) - len(broken)} of {len(rows)} hold here.",
+    ]
+    if broken:
+        lines.append(
+            "Where the thesis's ordering does not hold here: "
+            + ", ".join(broken)
+            + ". A shorter budget, other data or a single seed can reorder close methods; "
+            "rerun with the thesis budget and seeds (--time-budget 500 --seeds 5) before drawing "
+            "conclusions."
+        )
+    head = "| thesis ordering | source | ours (mean final train loss) | holds here |"
+    lines += ["", head, "|---|---|---|---|"]
+    return "\n".join(lines + rows) + "\n"
 
 
 #: the targets of :func:`time_to_target_table`: the best final training loss of any row, plus
