@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -486,6 +488,54 @@ def test_the_html_report_is_one_self_contained_page(tmp_path: Path) -> None:
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG
     assert "<script" not in page and "href=" not in page
     assert "| sgd |" in md and "<td>sgd</td>" in page and "Time to target" in page
+
+
+def test_the_html_report_opens_in_headless_chromium(tmp_path: Path) -> None:
+    """The page of ``--report html`` in a real browser (Debian's chromium and chromedriver, driven
+    by selenium): it loads with no console error, shows every table of summary.md and every figure
+    decoded to a picture of its full size. Skipped where no chromedriver is installed, except under
+    ``SECONDORDER_REQUIRE_BROWSER=1``, which ``.ci/run`` sets after installing it."""
+    import shutil
+
+    driver_path = shutil.which("chromedriver")
+    if driver_path is None or importlib.util.find_spec("selenium") is None:
+        if os.environ.get("SECONDORDER_REQUIRE_BROWSER") == "1":
+            pytest.fail("SECONDORDER_REQUIRE_BROWSER=1 but chromedriver or selenium is missing")
+        pytest.skip("needs chromium + chromium-driver (Debian) and selenium")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    assert cli.main(_tiny(tmp_path, "--optimizers", "sgd,kfac", "--report", "html")) == 0
+    out = tmp_path / "out"
+    md = (out / "summary.md").read_text()
+    tables_in_md = sum(
+        1
+        for a, b in zip([""] + md.splitlines(), md.splitlines(), strict=False)
+        if b.startswith("|") and not a.startswith("|")
+    )
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    browser = webdriver.Chrome(options=options, service=Service(driver_path))
+    try:
+        browser.get((out / "report.html").resolve().as_uri())
+        assert browser.execute_script("return document.readyState") == "complete"
+        errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+        assert errors == []
+        shown = browser.execute_script(
+            "return {tables: document.querySelectorAll('table').length,"
+            " rows: Array.from(document.querySelectorAll('table')).map(t => t.rows.length),"
+            " images: Array.from(document.images).map(i => [i.complete, i.naturalWidth,"
+            " i.naturalHeight, i.getBoundingClientRect().width])}"
+        )
+        assert shown["tables"] == tables_in_md >= 2
+        assert all(rows >= 2 for rows in shown["rows"])  # a header and at least one row each
+        assert len(shown["images"]) == 2
+        for complete, width, height, on_page in shown["images"]:
+            assert complete and width > 300 and height > 200 and on_page > 100
+    finally:
+        browser.quit()
 
 
 def test_thesis_orderings_say_which_hold_and_which_do_not() -> None:
