@@ -15,6 +15,7 @@ from secondorder import cli
 from secondorder.bench import cli as bench_cli
 from secondorder.bench import grid as G
 from secondorder.bench import presets as PR
+from secondorder.bench import problems as P
 from secondorder.bench import reports
 from secondorder.bench.runner import Budget, RunSpec
 from secondorder.bench.store import Store
@@ -593,3 +594,34 @@ def test_thesis_orderings_say_which_hold_and_which_do_not() -> None:
     assert reports.thesis_orderings(outcome("mnist", finals, suite="ch2")) == ""
     assert reports.thesis_orderings(outcome("mnist-mlp", finals)) == ""
     assert reports.thesis_orderings(outcome("mnist", [rec("sgd", 1.0), rec("adam", 2.0)])) == ""
+
+
+#: the CNN problems of the CI subset: one per data family and network (the other four differ from
+#: these in the class count or the width only; generating a CIFAR stand-in costs about 10 s)
+CI_CNNS = ("cifar10-resnet32", "cifar100-vgg16")
+
+
+@pytest.mark.parametrize("problem", [p for p, x in P.PROBLEMS.items() if x.kind != "cnn" or p in CI_CNNS])
+def test_every_problem_runs_on_its_default_data(
+    problem: str, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``secondorder bench --problem P`` with no data arguments: its offline stand-in (generated or
+    shipped with a package the set-up installs), a short time budget and a small slice of the data.
+    The CI subset of the check that every problem of ``--list`` runs at ``--time-budget 5`` (the
+    full check, by hand, is in the README): every problem but four CNNs (``CI_CNNS``). The CNNs
+    run SGD (a KFAC inverse of VGG16's 4608 x 4608 factors takes seconds on a CPU), the others
+    KFAC."""
+    cache = tmp_path_factory.getbasetemp() / "every-problem-cache"  # shared by the cases of a worker
+    out = tmp_path_factory.mktemp(problem) / "out"
+    prob = P.PROBLEMS[problem]
+    batch = {"cnn": 16, "classifier": 60, "lm": 32}.get(prob.kind, 100)
+    argv = ["bench", "--problem", problem, "--time-budget", "0.2", "--batch-size", str(batch)]
+    argv += ["--train-size", str(2 * batch), "--test-size", str(batch), "--cache-dir", str(cache)]
+    argv += ["--optimizers", "sgd" if prob.kind == "cnn" else "kfac", "--out", str(out)]
+    if problem == "curves":
+        argv += ["--curves", "n_train=300,n_test=100"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    doc = json.loads((out / "summary.json").read_text())
+    (run,) = doc["runs"]
+    assert run["status"] == "done" and run["steps"] >= 1 and np.isfinite(run["final_train_loss"])
+    assert doc["dataset"] and doc["problem"] == problem
