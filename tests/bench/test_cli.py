@@ -554,7 +554,7 @@ def test_thesis_orderings_say_which_hold_and_which_do_not() -> None:
         labels = dict.fromkeys(r.spec.label for r in finals)
         return SimpleNamespace(
             config=SimpleNamespace(suite_name=suite),
-            problem=SimpleNamespace(name=problem),
+            problem=SimpleNamespace(name=problem, time_budget=2000.0 if problem == "faces" else 500.0),
             dataset=SimpleNamespace(label="mnist5k"),
             rows=[SimpleNamespace(label=x) for x in labels],
             finals=finals,
@@ -588,6 +588,8 @@ def test_thesis_orderings_say_which_hold_and_which_do_not() -> None:
     }
     assert "3 of 7 hold here" in text and "122 vs 125" in text and "130 vs no finished run" in text
     assert "does not hold here: kbfgs < sgd, kbfgs < adam, tnt < sgd, tnt < adam." in text
+    assert "(--time-budget 500 --seeds 5)" in text
+    assert "(--time-budget 2000 --seeds 5)" in reports.thesis_orderings(outcome("faces", finals))
     # on CURVES the thesis has TNT beat KFAC, and no K-BFGS / Adam ordering
     curves = reports.thesis_orderings(outcome("curves", finals))
     assert "| tnt < kfac |" in curves and "kbfgs < adam" not in curves

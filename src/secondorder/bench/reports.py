@@ -308,8 +308,8 @@ def thesis_orderings(outcome: Outcome) -> str:
             "Where the thesis's ordering does not hold here: "
             + ", ".join(broken)
             + ". A shorter budget, other data or a single seed can reorder close methods; "
-            "rerun with the thesis budget and seeds (--time-budget 500 --seeds 5) before drawing "
-            "conclusions."
+            "rerun with the thesis budget and seeds "
+            f"(--time-budget {outcome.problem.time_budget or 500:g} --seeds 5) before drawing conclusions."
         )
     head = "| thesis ordering | source | ours (mean final train loss) | holds here |"
     lines += ["", head, "|---|---|---|---|"]
