@@ -10,10 +10,8 @@ the loss module the closure calls; K-BFGS re-evaluates the batch at the new para
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _data import batches, mlp, teacher_data
+from _data import batches, final_loss, mlp, parser, teacher_data
 
 import secondorder as so
 
@@ -35,12 +33,7 @@ class TinyTrainer:
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="kbfgs", choices=list(so.METHODS))
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--examples", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=128)
-    args = parser.parse_args(argv)
+    args = parser(__doc__, list(so.METHODS), "kbfgs").parse_args(argv)
 
     x, y = teacher_data(args.examples)
     model = mlp()
@@ -50,8 +43,7 @@ def main(argv: list[str] | None = None) -> float:
     for epoch in range(args.epochs):
         losses = [trainer.training_step(xb, yb) for xb, yb in batches(x, y, args.batch)]
         print(f"epoch {epoch}: mean loss {sum(losses) / len(losses):.4f}")
-    with torch.no_grad():
-        final = float(loss_fn(model(x), y))
+    final = final_loss(model, loss_fn, x, y)
     print(f"final loss {final:.4f}")
     return final
 

@@ -8,23 +8,17 @@ spreads the inversions, so the run follows one process with the whole batch.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 import torch.distributed as dist
-from _data import batches, mlp, teacher_data
+from _data import batches, final_loss, mlp, parser, teacher_data
 
 import secondorder as so
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="kbfgs", choices=list(so.METHODS))
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--examples", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=128)
-    args = parser.parse_args(argv)
+    args = parser(__doc__, list(so.METHODS), "kbfgs").parse_args(argv)
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -50,8 +44,7 @@ def main(argv: list[str] | None = None) -> float:
             total, count = total + float(loss), count + 1
         if rank == 0:
             print(f"epoch {epoch}: mean loss on rank 0 {total / count:.4f}")
-    with torch.no_grad():
-        final = float(loss_fn(model(x.to(device)), y.to(device)))
+    final = final_loss(model, loss_fn, x.to(device), y.to(device))
     if rank == 0:
         print(f"final loss {final:.4f} ({world} ranks)")
     dist.destroy_process_group()

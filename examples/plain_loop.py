@@ -9,20 +9,14 @@ you would write for ``torch.optim.SGD``::
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _data import batches, mlp, teacher_data
+from _data import batches, final_loss, mlp, parser, teacher_data
 
 import secondorder as so
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--examples", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=128)
-    args = parser.parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
 
     x, y = teacher_data(args.examples)
     model = mlp()
@@ -40,8 +34,7 @@ def main(argv: list[str] | None = None) -> float:
             total, count = total + float(loss), count + 1
         sched.step()
         print(f"epoch {epoch}: mean loss {total / count:.4f} (lr {sched.get_last_lr()[0]:.4f})")
-    with torch.no_grad():
-        final = float(loss_fn(model(x), y))
+    final = final_loss(model, loss_fn, x, y)
     print(f"final loss {final:.4f}")
     return final
 

@@ -9,21 +9,14 @@ scaling; on a CPU, bf16 autocast (the scaler is then switched off: bf16 needs no
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _data import batches, mlp, teacher_data
+from _data import batches, final_loss, mlp, parser, teacher_data
 
 import secondorder as so
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="kfac", choices=["kfac", "kfac-ef", "tnt", "tnt-ef", "shampoo"])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--examples", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=128)
-    args = parser.parse_args(argv)
+    args = parser(__doc__, ["kfac", "kfac-ef", "tnt", "tnt-ef", "shampoo"], "kfac").parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.bfloat16
@@ -52,8 +45,7 @@ def main(argv: list[str] | None = None) -> float:
             sched.step()
             total, count = total + float(loss), count + 1
         print(f"epoch {epoch}: mean loss {total / count:.4f}")
-    with torch.no_grad():
-        final = float(loss_fn(model(x), y))
+    final = final_loss(model, loss_fn, x, y)
     print(f"final loss {final:.4f} ({skipped} steps skipped by the scaler; {device}, {dtype})")
     return final
 
