@@ -129,12 +129,8 @@ def test_every_method_trains_in_every_loop_and_precision_or_names_the_forms(key,
     assert sorted(opt.coverage()) == sorted(n for n, _ in so.capture.unwrap(model).named_parameters())
 
 
-@pytest.mark.parametrize("key", [k for k in so.METHODS if k not in ("sgd", "adam", "rmsprop")])
-def test_bf16_parameters_train_with_float32_statistics(key):
-    """A bf16 model: the statistics, inverses and directions are float32 (``factor_dtype``), each
-    update is applied in bf16, and it trains."""
-    model, x, y = model_and_data("mlp", "float32")
-    model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+def train_with_closures(key: str, model: nn.Module, x: Tensor, y: Tensor):
+    """``STEPS`` so.Closure steps of ``key`` at its test values; the losses stay finite and fall."""
     loss_fn = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -142,6 +138,16 @@ def test_bf16_parameters_train_with_float32_statistics(key):
         losses = [float(opt.step(so.Closure(model, x, y, loss_fn))) for _ in range(STEPS)]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < losses[0]
+    return opt
+
+
+@pytest.mark.parametrize("key", [k for k in so.METHODS if k not in ("sgd", "adam", "rmsprop")])
+def test_bf16_parameters_train_with_float32_statistics(key):
+    """A bf16 model: the statistics, inverses and directions are float32 (``factor_dtype``), each
+    update is applied in bf16, and it trains."""
+    model, x, y = model_and_data("mlp", "float32")
+    model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    opt = train_with_closures(key, model, x, y)
     curvature = [t for t in floating_state(opt) if t.dim() >= 2 and t.shape[-1] == t.shape[-2]]
     if key not in ("smw-gn", "smw-ng", "smw-ng-bd", "hf"):  # these keep no curvature between steps
         assert curvature and {t.dtype for t in curvature} == {torch.float32}
@@ -169,11 +175,5 @@ def test_fp16_autocast_trains_with_float32_statistics(key):
     """fp16 autocast (CPU) inside the model's forward: as with bf16."""
     model, x, y = model_and_data("mlp", "float32")
     model = Autocast(model, torch.float16)
-    loss_fn = nn.CrossEntropyLoss()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = so.make_optimizer(key, model, **TEST_HP[key])
-        losses = [float(opt.step(so.Closure(model, x, y, loss_fn))) for _ in range(STEPS)]
-    assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-5:]) / 5 < losses[0]
+    opt = train_with_closures(key, model, x, y)
     assert {t.dtype for t in floating_state(opt)} <= {torch.float32}
