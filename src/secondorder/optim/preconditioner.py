@@ -19,7 +19,10 @@ step replaces every gradient by the method's preconditioned direction::
         scaler.update()
 
 The methods are those whose step is ``(curvature)^-1 (momentum gradient)`` with the curvature
-taken from the current batch: ``kfac``, ``kfac-ef``, ``tnt``, ``tnt-ef`` and ``shampoo``. The
+taken from the current batch: ``kfac`` and ``kfac-ef`` (Algorithm 12, lines 7-9:
+``p = H_Gamma DW H_Omega``), ``tnt`` and ``tnt-ef`` (Algorithm 15, lines 18-20:
+``p = m x_1 K_1 ... x_k K_k``) and ``shampoo`` (Algorithm 16). K-BFGS has none: its ``H_G``
+update needs a second pass at the new parameters (Algorithm 9 line 13). The
 preconditioner is the method's own optimizer class run with ``lr = 1``, ``momentum = 0`` and
 ``weight_decay = 0`` whose update writes its direction ``P`` into ``.grad`` instead of moving the
 parameters, so the torch optimizer's ``W <- W - lr P`` (with its own momentum, weight decay and
