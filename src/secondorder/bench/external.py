@@ -4,10 +4,9 @@
 names an optimizer class by its import path (``module.Class`` or ``module:Class``), with
 hyper-parameters after it. The runner drives it as it drives the library's methods (the same
 budget, seeds, store and reports): :class:`TorchOptimizerRow` steps it on the same
-``so.Closure`` (a standard torch closure), counts one forward and one backward pass per step
-(what the closure runs; an optimizer that evaluates the closure more often is counted from its
-calls), and reports a non-finite loss as a divergence. It is a first-order method for the CNN
-step schedules.
+``so.Closure`` (a standard torch closure), counts one forward and one backward pass per closure
+call, and reports a non-finite loss as a divergence before the optimizer updates anything. It is
+a first-order method for the CNN step schedules.
 """
 
 from __future__ import annotations
@@ -74,13 +73,28 @@ class TorchOptimizerRow:
         return 0
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        """One step of the torch optimizer; the loss at the parameters before it.
+
+        Raises:
+            NonFiniteError: the closure's loss is not finite; raised from inside the closure, so
+                an optimizer that evaluates it before updating (every ``torch.optim`` one) leaves
+                its parameters and state untouched.
+        """
+        losses: list[Tensor] = []
+
         def counted() -> Tensor:
             self.stats.forward_passes += 1
             self.stats.backward_passes += 1
-            return closure()
+            loss = closure()
+            if not bool(torch.isfinite(loss.detach()).all()):
+                raise NonFiniteError(
+                    f"{self.method}: non-finite loss ({float(loss.detach())}) at step {self.stats.steps + 1}"
+                )
+            losses.append(loss.detach())
+            return loss
 
-        loss = self.optimizer.step(counted)
+        self.optimizer.step(counted)
         self.stats.steps += 1
-        if loss is None or not bool(torch.isfinite(torch.as_tensor(loss)).all()):
-            raise NonFiniteError(f"{self.method}: non-finite loss ({loss}) at step {self.stats.steps}")
-        return torch.as_tensor(loss).detach()
+        if not losses:
+            raise RuntimeError(f"{self.method}: step(closure) did not evaluate the closure")
+        return losses[0]  # some optimizers return None or the last of several evaluations
